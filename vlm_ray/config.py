@@ -1,0 +1,434 @@
+"""The job spec: one YAML file, validated by typed models, drives every stage.
+
+Field names follow Unsloth's own (``FastVisionModel.from_pretrained``,
+``get_peft_model``, ``UnslothVisionDataCollator``, TRL ``SFTConfig``) so a
+notebook's arguments map one to one. Every model forbids unknown keys, so a
+typo fails before anything starts, with the dotted path of the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSpec(_Section):
+    """Where this run's outputs live."""
+
+    uri: str = Field(
+        "runs/demo",
+        description="Run root: a local path, file://..., or s3://bucket/prefix. Every stage reads and writes under it.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for MinIO/Ceph/rclone; default: AWS_ENDPOINT_URL or AWS."
+    )
+    name: str | None = Field(
+        None, description="Human-readable run name (defaults to the last part of run.uri)."
+    )
+
+
+class ModelSpec(_Section):
+    """What FastVisionModel.from_pretrained receives."""
+
+    name: str = Field(
+        ..., description="Hub id, local folder, or s3:// folder of a Hugging Face model."
+    )
+    max_seq_length: int = Field(
+        2048, ge=16, description="Longest tokenised example (prompt + image tokens + answer)."
+    )
+    load_in_4bit: bool = Field(False, description="4-bit QLoRA through bitsandbytes (GPU only).")
+    load_in_8bit: bool = Field(False, description="8-bit weights through bitsandbytes (GPU only).")
+    load_in_16bit: bool = Field(True, description="16-bit weights (bf16 where supported).")
+    full_finetuning: bool = Field(False, description="Train all weights instead of a LoRA adapter.")
+    use_gradient_checkpointing: bool | Literal["unsloth"] = Field(
+        "unsloth", description='True, False or "unsloth" (offloaded checkpointing).'
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow model code from the model folder (needed by DeepSeek-OCR). Off by default: it runs code shipped with the weights.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; default: the library's choice."
+    )
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> ModelSpec:
+        chosen = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(self, k)]
+        if len(chosen) > 1:
+            raise ValueError("choose at most one of load_in_4bit, load_in_8bit")
+        if chosen and self.full_finetuning:
+            raise ValueError(f"full_finetuning cannot be combined with {chosen[0]}")
+        return self
+
+
+class LoraSpec(_Section):
+    """What FastVisionModel.get_peft_model receives (ignored when full_finetuning)."""
+
+    finetune_vision_layers: bool = Field(True, description="Adapt the vision tower.")
+    finetune_language_layers: bool = Field(True, description="Adapt the language model.")
+    finetune_attention_modules: bool = Field(True, description="Adapt attention projections.")
+    finetune_mlp_modules: bool = Field(True, description="Adapt MLP projections.")
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on LoRA inputs.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    loftq_config: dict[str, Any] | None = Field(
+        None, description="LoftQ initialisation settings, passed through."
+    )
+    random_state: int = Field(3407, description="Seed for adapter initialisation.")
+    target_modules: list[str] | str | None = Field(
+        None,
+        description='Explicit module names or a regex; overrides the four finetune_* switches. "all-linear" is accepted.',
+    )
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> LoraSpec:
+        if self.target_modules is None:
+            if not (self.finetune_vision_layers or self.finetune_language_layers):
+                raise ValueError(
+                    "finetune_vision_layers and finetune_language_layers are both false: nothing to train"
+                )
+            if not (self.finetune_attention_modules or self.finetune_mlp_modules):
+                raise ValueError(
+                    "finetune_attention_modules and finetune_mlp_modules are both false: nothing to train"
+                )
+        return self
+
+
+DataFormat = Literal["auto", "hf", "parquet", "jsonl", "imagefolder"]
+
+
+class DataSpec(_Section):
+    """Where the examples come from and how they become chat messages."""
+
+    source: str = Field(
+        ...,
+        description="A local path or s3:// URI: HF dataset folder (or hub id), parquet file/folder, JSONL file, or image folder.",
+    )
+    format: DataFormat = Field("auto", description="auto|hf|parquet|jsonl|imagefolder.")
+    split: str | None = Field(
+        None, description="Split of a DatasetDict / hub dataset to read (default: train)."
+    )
+    image_column: str = Field(
+        "image", description="Column holding the image: {bytes, path} struct, bytes, or a path."
+    )
+    text_column: str = Field(
+        "text", description="Column holding the target text (the assistant's answer)."
+    )
+    prompt: str = Field(
+        "Describe this image.",
+        description="Instruction given with every image (unless prompt_column is set).",
+    )
+    prompt_column: str | None = Field(
+        None, description="Column holding a per-row instruction; overrides prompt."
+    )
+    system_prompt: str | None = Field(None, description="Optional system turn.")
+    id_column: str | None = Field(
+        None,
+        description="Column giving each row a stable identity (default: source file + row index).",
+    )
+    heldout_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of rows held out for evaluation, chosen by a hash of the row identity.",
+    )
+    image_min_size: int = Field(
+        300, ge=1, description="Smallest long side after resizing, in px (upscaled to reach it)."
+    )
+    image_max_size: int = Field(1000, ge=1, description="Largest long side after resizing, in px.")
+    max_image_pixels: int = Field(
+        178_956_970,
+        ge=1,
+        description="Decompression-bomb limit (Pillow's MAX_IMAGE_PIXELS); never disabled.",
+    )
+    max_aspect_ratio: float | None = Field(
+        None,
+        gt=1.0,
+        description="Reject images whose long/short side ratio exceeds this (default: the model family's limit).",
+    )
+    image_format: Literal["png", "jpeg"] = Field(
+        "png", description="How images are stored in the prepared shards."
+    )
+    rows_per_shard: int = Field(
+        2000, ge=1, description="Rows per prepared shard (bounded shard size)."
+    )
+    dedup: bool = Field(
+        False,
+        description="Drop rows whose image + text content hash was already seen in the same input shard.",
+    )
+    max_rows: int | None = Field(
+        None, ge=1, description="Read at most this many rows (smoke runs)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DataSpec:
+        if self.image_min_size > self.image_max_size:
+            raise ValueError(
+                f"image_min_size ({self.image_min_size}) is larger than image_max_size ({self.image_max_size})"
+            )
+        return self
+
+
+class TrainSpec(_Section):
+    """Trainer knobs, under TRL SFTConfig / transformers TrainingArguments names."""
+
+    engine: Literal["auto", "unsloth", "hf"] = Field(
+        "auto",
+        description="auto: Unsloth on a CUDA GPU, else transformers+PEFT on CPU. The log says which ran and why.",
+    )
+    train_on_responses_only: bool = Field(
+        True, description="Mask everything but the assistant's answer in the labels."
+    )
+    per_device_train_batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0, description="Used when max_steps is not set.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimiser steps (overrides num_train_epochs)."
+    )
+    warmup_steps: int = Field(5, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    optim: str = Field(
+        "adamw_torch", description='TrainingArguments optim, e.g. "adamw_8bit" on GPU.'
+    )
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scheduler_type: str = Field("linear")
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = Field(3407)
+    bf16: bool | None = Field(
+        None, description="bf16 mixed precision; default: where the GPU supports it."
+    )
+    fp16: bool | None = Field(
+        None, description="fp16 mixed precision; default: on GPUs without bf16."
+    )
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(
+        50, ge=1, description="Checkpoint to <run>/checkpoints/ every N optimiser steps."
+    )
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept in object storage.")
+    dataloader_num_workers: int = Field(0, ge=0)
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Ray actor restarts; a restarted actor resumes from the last checkpoint.",
+    )
+
+    @model_validator(mode="after")
+    def _precision(self) -> TrainSpec:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 cannot both be true")
+        return self
+
+
+class SaveSpec(_Section):
+    """What the train stage leaves under <run>/model/."""
+
+    adapter: bool = Field(
+        True, description="Save the LoRA adapter + processor under <run>/model/adapter/."
+    )
+    merged_16bit: bool = Field(
+        False, description="Also save a merged 16-bit model under <run>/model/merged/."
+    )
+
+
+class GenerationSpec(_Section):
+    """What model.generate receives at inference."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    do_sample: bool = Field(False)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int = Field(0)
+    batch_size: int = Field(8, ge=1, description="Images per generate call.")
+
+
+class InferSpec(_Section):
+    """Which images the infer stage reads and which model it uses."""
+
+    source: str | None = Field(
+        None,
+        description="Images to caption (any data.source form); default: the prepared held-out split.",
+    )
+    format: DataFormat = Field("auto")
+    prompt: str | None = Field(
+        None, description="Fixed prompt for arbitrary images (default: data.prompt)."
+    )
+    models: list[Literal["base", "finetuned"]] = Field(
+        ["base", "finetuned"],
+        description="Which models to run: the base model and/or the fine-tuned one.",
+    )
+    rows_per_shard: int = Field(
+        1000, ge=1, description="Rows per input shard when reading an arbitrary image source."
+    )
+
+
+class EvalSpec(_Section):
+    """How predictions are scored."""
+
+    strip: bool = Field(True, description="Strip leading/trailing whitespace before scoring.")
+    collapse_whitespace: bool = Field(
+        True, description="Collapse runs of whitespace into one space."
+    )
+    lowercase: bool = Field(False, description="Compare case-insensitively.")
+    metric: Literal["cer", "wer", "exact_match", "bleu", "chrf"] = Field(
+        "cer", description="Headline metric (used by promotion)."
+    )
+    examples_in_report: int = Field(8, ge=0, le=64)
+
+
+class PromoteSpec(_Section):
+    """The promotion gate of scheduled retraining."""
+
+    root: str | None = Field(
+        None,
+        description="Where current.json and promotions/ live (default: the parent of run.uri).",
+    )
+    margin: float = Field(
+        0.0,
+        ge=0,
+        description="The challenger must beat the champion by at least this much on eval.metric.",
+    )
+
+
+class RaySpec(_Section):
+    """How work is spread over the Ray cluster."""
+
+    address: str | None = Field(
+        None,
+        description='Ray address: None starts/joins a local cluster, "auto" joins a running one.',
+    )
+    num_cpus_per_task: float = Field(1.0, gt=0, description="CPUs per prepare task.")
+    num_gpus_per_worker: float = Field(
+        1.0, ge=0, description="GPUs per train/infer actor when GPUs exist."
+    )
+    num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per train/infer actor.")
+    pool_size: int | None = Field(
+        None, ge=1, description="Inference actors (default: GPUs in the cluster, or 1 on CPU)."
+    )
+    max_in_flight: int | None = Field(
+        None, ge=1, description="Prepare tasks in flight at once (default: 2 x cluster CPUs)."
+    )
+    max_retries: int = Field(3, ge=0, description="Ray task retries when a worker dies.")
+
+
+class JobSpec(_Section):
+    """The whole job spec. Sections map to stages; see examples/*.yaml."""
+
+    run: RunSpec = Field(default_factory=RunSpec)
+    model: ModelSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    save: SaveSpec = Field(default_factory=SaveSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    infer: InferSpec = Field(default_factory=InferSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    promote: PromoteSpec = Field(default_factory=PromoteSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names every bad field."""
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid job spec {origin}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `vlm-ray <stage> --help` lists the keys)"
+        elif e["type"] == "missing":
+            msg = "required, but not given"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as YAML so `r=8`, `bf16=true`, `target_modules=[q_proj]` get their types."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides to a raw spec dict (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"override {item!r} is not of the form dotted.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"override {key}: {p} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def parse_spec(raw: dict[str, Any], origin: str = "") -> JobSpec:
+    """Validate a raw dict into a JobSpec, or raise SpecError naming each bad field."""
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_validation_error(err, origin)) from None
+
+
+def load_spec(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> JobSpec:
+    """Read a YAML job spec (or none), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    origin = "(from overrides)"
+    if path is not None:
+        origin = str(path)
+        text = Path(path).read_text()
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise SpecError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise SpecError(
+                f"{path}: a job spec is a mapping of sections (run, model, data, ...), got {type(loaded).__name__}"
+            )
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    return parse_spec(raw, origin)
+
+
+def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
+    """The spec as plain data (for manifests: every output records what made it)."""
+    return spec.model_dump(mode="json")
+
+
+def describe_keys(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf key: the `--help` table."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_keys(ann, key + "."))
+            continue
+        default = (
+            "(required)"
+            if field.is_required()
+            else repr(field.get_default(call_default_factory=True))
+        )
+        rows.append((key, default, field.description or ""))
+    return rows

@@ -1,0 +1,39 @@
+"""Joining or starting the Ray cluster a stage runs on."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from vlm_ray.config import RaySpec
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(spec: RaySpec) -> None:
+    """Connect to spec.address (or start a local cluster); a no-op when already connected."""
+    if ray.is_initialized():
+        return
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    # The project's code travels with the job (ray job submit --working-dir);
+    # for a local cluster the workers import it from the same environment.
+    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    res = ray.cluster_resources()
+    log.info(
+        "ray: connected to %s (CPUs %s, GPUs %s)",
+        address or "a new local cluster",
+        res.get("CPU", 0),
+        res.get("GPU", 0),
+    )
+
+
+def cluster_gpus() -> int:
+    """Whole GPUs in the cluster."""
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> int:
+    """CPUs in the cluster."""
+    return int(ray.cluster_resources().get("CPU", 1))
