@@ -81,7 +81,19 @@ STAGES: dict[str, Stage] = {
         "(promote.root/current.json) on the same held-out set, and moves current.json only if the "
         "challenger beats the champion by promote.margin on eval.metric. The decision is recorded "
         "under promote.root/promotions/.",
-        ("run", "model", "lora", "data", "train", "save", "generation", "infer", "eval", "promote", "ray"),
+        (
+            "run",
+            "model",
+            "lora",
+            "data",
+            "train",
+            "save",
+            "generation",
+            "infer",
+            "eval",
+            "promote",
+            "ray",
+        ),
     ),
 }
 
@@ -92,7 +104,9 @@ def _keys_help(sections: tuple[str, ...]) -> str:
     for key, default, desc in rows:
         lines.append(f"  {key} = {default}")
         if desc:
-            lines.extend(textwrap.wrap(desc, width=92, initial_indent="      ", subsequent_indent="      "))
+            lines.extend(
+                textwrap.wrap(desc, width=92, initial_indent="      ", subsequent_indent="      ")
+            )
     return "\n".join(lines)
 
 
@@ -116,15 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--config", "-c", help="Job spec YAML (see examples/).")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="Override spec keys, e.g. train.max_steps=10 lora.r=8")
-    spec_p = sub.add_parser("spec", help="validate a job spec and print it with every default filled in")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="Override spec keys, e.g. train.max_steps=10 lora.r=8",
+        )
+    spec_p = sub.add_parser(
+        "spec", help="validate a job spec and print it with every default filled in"
+    )
     spec_p.add_argument("--config", "-c")
     spec_p.add_argument("overrides", nargs="*", metavar="key=value")
-    tiny = sub.add_parser("tiny-model", help="build a random-weight model of a supported family (no hub access needed)")
+    tiny = sub.add_parser(
+        "tiny-model",
+        help="build a random-weight model of a supported family (no hub access needed)",
+    )
     tiny.add_argument("--family", default="qwen2_vl")
     tiny.add_argument("--size", default="tiny")
     tiny.add_argument("--out", required=True)
-    demo = sub.add_parser("demo-assets", help="build the demo's tiny model and digits dataset (what examples/demo.yaml points at)")
+    demo = sub.add_parser(
+        "demo-assets",
+        help="build the demo's tiny model and digits dataset (what examples/demo.yaml points at)",
+    )
     demo.add_argument("--root", default=".cache/demo")
     return parser
 
@@ -138,7 +165,16 @@ def setup_logging(verbose: bool = False) -> None:
         stream=sys.stdout,
         force=True,
     )
-    for noisy in ("urllib3", "botocore", "boto3", "s3transfer", "filelock", "PIL", "matplotlib", "httpx"):
+    for noisy in (
+        "urllib3",
+        "botocore",
+        "boto3",
+        "s3transfer",
+        "filelock",
+        "PIL",
+        "matplotlib",
+        "httpx",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -176,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlm-ray {args.stage}: {err}", file=sys.stderr)
         return 2
     except Exception:
-        log.exception("%s: failed after %.1f s (run %s)", args.stage, time.time() - start, spec.run.uri)
+        log.exception(
+            "%s: failed after %.1f s (run %s)", args.stage, time.time() - start, spec.run.uri
+        )
         return 1
     log.info("%s: done in %.1f s; outputs under %s", args.stage, time.time() - start, spec.run.uri)
     return 0

@@ -40,7 +40,9 @@ def write_digits_dataset(out_dir: str | Path, limit: int | None = None, scale: i
     for i in range(n):
         name = f"images/{i:04d}.png"
         render_digit(digits.images[i], scale).save(out / name, optimize=False)
-        lines.append(json.dumps({"id": f"digit-{i:04d}", "image": name, "text": str(int(digits.target[i]))}))
+        lines.append(
+            json.dumps({"id": f"digit-{i:04d}", "image": name, "text": str(int(digits.target[i]))})
+        )
     tmp = jsonl.with_suffix(".jsonl.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(jsonl)

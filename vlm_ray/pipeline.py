@@ -29,7 +29,12 @@ def run_pipeline(spec: JobSpec) -> dict[str, Any]:
     store.write_text(layout.SPEC, yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
-    for name, fn in (("prepare", run_prepare), ("train", run_train), ("infer", run_infer), ("evaluate", run_evaluate)):
+    for name, fn in (
+        ("prepare", run_prepare),
+        ("train", run_train),
+        ("infer", run_infer),
+        ("evaluate", run_evaluate),
+    ):
         start = time.time()
         log.info("pipeline: %s ...", name)
         results[name] = fn(spec)
