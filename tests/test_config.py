@@ -93,7 +93,7 @@ def test_overrides_are_typed_by_yaml() -> None:
 
 
 def test_override_without_equals_is_rejected() -> None:
-    with pytest.raises(SpecError, match="dotted.key=value"):
+    with pytest.raises(SpecError, match=r"dotted\.key=value"):
         apply_overrides({}, ["lora.r"])
 
 

@@ -25,7 +25,7 @@ def test_overwrite_replaces_the_whole_object(store: Store) -> None:
 
 
 def test_missing_key_raises_file_not_found_naming_the_uri(store: Store) -> None:
-    with pytest.raises(FileNotFoundError, match="nope/missing.json"):
+    with pytest.raises(FileNotFoundError, match=r"nope/missing\.json"):
         store.read_bytes("nope/missing.json")
     assert not store.exists("nope/missing.json")
 
