@@ -1,0 +1,234 @@
+"""The Unsloth GPU path: collator equivalence with the CPU collator, end-to-end training through
+the train stage, 4-bit QLoRA and full fine-tuning. Every test needs a CUDA GPU and Unsloth; they are
+skipped elsewhere and run on the GPU machine (docs/gpu.md says how)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+PROMPT = "Read the number in this image."
+
+
+def _digit_image(i: int, width: int = 84, height: int = 56) -> bytes:
+    """A real PNG: a number drawn on white, at a patch-snapped size (multiples of 28) as prepare leaves it."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(img).text((8, 20), str(100 + 7 * i), fill="black")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _messages(answer: str | None) -> list[dict]:
+    user = {"role": "user", "content": [{"type": "text", "text": PROMPT}, {"type": "image"}]}
+    if answer is None:
+        return [user]
+    return [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+def _write_prepared(store, rows: int) -> None:
+    """Prepared shards exactly as the architecture contract describes them (docs/architecture.md)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_ray import layout
+
+    for split, n, offset in (("train", rows, 0), ("heldout", 2, rows)):
+        recs = []
+        for i in range(offset, offset + n):
+            w, h = (84, 56) if i % 2 else (56, 56)
+            answer = f"{100 + 7 * i}"
+            recs.append(
+                {
+                    "id": f"row-{i}",
+                    "source_id": str(i),
+                    "image": _digit_image(i, w, h),
+                    "width": w,
+                    "height": h,
+                    "prompt": PROMPT,
+                    "system_prompt": None,
+                    "text": answer,
+                    "messages": json.dumps(_messages(answer)),
+                }
+            )
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(recs), buf)
+        store.write_bytes(layout.prepared_shard(split, 0), buf.getvalue())
+    store.write_json(
+        layout.PREPARED_MANIFEST,
+        {
+            "rows_in": rows + 2,
+            "rows_ok": rows + 2,
+            "rows_quarantined": 0,
+            "splits": {"train": rows, "heldout": 2},
+            "shards": [
+                {"split": "train", "key": layout.prepared_shard("train", 0), "rows": rows},
+                {"split": "heldout", "key": layout.prepared_shard("heldout", 0), "rows": 2},
+            ],
+        },
+    )
+
+
+def _spec(model_dir: Path, run_uri: str, **train_overrides):
+    from vlm_ray.config import parse_spec
+
+    raw = {
+        "run": {"uri": run_uri},
+        "model": {"name": str(model_dir), "max_seq_length": 512},
+        "data": {"source": "unused-in-these-tests", "image_min_size": 56, "image_max_size": 448},
+        "train": {
+            "engine": "unsloth",
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 4,
+            "save_steps": 2,
+            "warmup_steps": 0,
+            "learning_rate": 1e-3,
+            **train_overrides,
+        },
+    }
+    return raw, parse_spec(raw)
+
+
+def _examples(n: int = 4) -> list[dict]:
+    """The collator's input rows: chat messages plus the image bytes, as the data loader gives them."""
+    from PIL import Image
+
+    return [
+        {
+            "messages": _messages(f"{100 + 7 * i}" * (1 + i % 3)),
+            "images": [Image.open(io.BytesIO(_digit_image(i, 84 if i % 2 else 56, 56)))],
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("responses_only", [True, False], ids=["responses-only", "all-tokens"])
+def test_cpu_collator_and_unsloth_collator_build_the_same_batch(
+    tiny_qwen2_vl: Path, responses_only: bool
+) -> None:
+    import copy
+
+    import torch
+    from transformers import AutoProcessor
+    from vlm_ray.train.collator import VisionSFTCollator
+
+    from vlm_ray.models.families import family_of
+    from vlm_ray.train.unsloth_engine import build_unsloth_collator, load_unsloth_model
+
+    _, spec = _spec(tiny_qwen2_vl, "unused", train_on_responses_only=responses_only)
+    family = family_of(tiny_qwen2_vl)
+    model, unsloth_processor = load_unsloth_model(spec, str(tiny_qwen2_vl))
+    theirs = build_unsloth_collator(spec, model, unsloth_processor, family)
+    # the CPU path loads its processor with plain transformers, as hf_engine does
+    ours = VisionSFTCollator(
+        AutoProcessor.from_pretrained(tiny_qwen2_vl),
+        family,
+        train_on_responses_only=responses_only,
+        max_seq_length=spec.model.max_seq_length,
+    )
+    rows = _examples(4)
+    a = ours(copy.deepcopy(rows))
+    b = theirs(copy.deepcopy(rows))
+
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["attention_mask"], b["attention_mask"])
+    assert a["pixel_values"].shape == b["pixel_values"].shape
+    assert torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+    assert torch.equal(a["labels"], b["labels"])
+    trained = (a["labels"] != -100).sum().item()
+    answer_and_end = (a["attention_mask"] == 1).sum().item()
+    assert 0 < trained < answer_and_end  # something is learnt, and prompt/image/padding are not
+
+
+def test_unsloth_train_stage_saves_an_adapter_that_loads_with_unsloth_and_with_peft(
+    tiny_qwen2_vl: Path, ray_cluster: None, tmp_path: Path
+) -> None:
+    import torch
+    from vlm_ray.stages.train import run_train
+
+    from vlm_ray import layout
+    from vlm_ray.storage import LocalStore
+
+    store = LocalStore(tmp_path / "run")
+    _write_prepared(store, rows=8)
+    _, spec = _spec(tiny_qwen2_vl, store.uri)
+    spec.save.merged_16bit = True
+    summary = run_train(spec)
+
+    assert summary["engine"] == "unsloth"
+    assert summary["global_step"] == 4
+    assert store.exists(f"{layout.ADAPTER}/adapter_config.json")
+    assert store.exists(f"{layout.ADAPTER}/adapter_model.safetensors")
+    assert store.exists(f"{layout.MERGED}/config.json")
+    adapter_dir = store.local_path(layout.ADAPTER)
+    merged_dir = store.local_path(layout.MERGED)
+
+    # Unsloth's own inference path from the adapter folder
+    from PIL import Image
+    from unsloth import FastVisionModel
+
+    model, processor = FastVisionModel.from_pretrained(str(adapter_dir), load_in_4bit=False)
+    FastVisionModel.for_inference(model)
+    image = Image.open(io.BytesIO(_digit_image(0)))
+    text = processor.apply_chat_template(_messages(None), add_generation_prompt=True)
+    batch = processor(text=[text], images=[[image]], return_tensors="pt").to(model.device)
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > batch["input_ids"].shape[1]
+
+    # plain transformers + peft, from the adapter and from the merged folder
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16).cuda()
+    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    plain_proc = AutoProcessor.from_pretrained(adapter_dir)
+    batch = plain_proc(text=[text], images=[[image]], return_tensors="pt").to("cuda")
+    with torch.no_grad():
+        out = peft_model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > batch["input_ids"].shape[1]
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.bfloat16).cuda()
+    with torch.no_grad():
+        logits_merged = merged(**batch).logits.float()
+        logits_peft = peft_model(**batch).logits.float()
+    # the merged model is the base plus the adapter: same outputs up to bf16 rounding
+    assert torch.allclose(logits_merged, logits_peft, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize(
+    "model_overrides",
+    [{"load_in_4bit": True}, {"full_finetuning": True}],
+    ids=["qlora-4bit", "full-finetuning"],
+)
+def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
+    tiny_qwen2_vl: Path, tmp_path: Path, model_overrides: dict
+) -> None:
+    from vlm_ray import layout
+    from vlm_ray.config import parse_spec
+    from vlm_ray.storage import LocalStore
+    from vlm_ray.train.unsloth_engine import train_unsloth
+
+    store = LocalStore(tmp_path / "run")
+    _write_prepared(store, rows=8)
+    raw, _ = _spec(tiny_qwen2_vl, store.uri, max_steps=3)
+    raw["model"].update(model_overrides)
+    spec = parse_spec(raw)
+    summary = train_unsloth(spec, store, tmp_path / "work", resume_from=None, callbacks=[])
+
+    assert summary["global_step"] == 3
+    assert summary["train_loss"] > 0
+    if spec.model.full_finetuning:
+        assert summary["kind"] == "full"
+        assert store.exists(f"{layout.MERGED}/config.json")
+        assert not store.exists(f"{layout.ADAPTER}/adapter_config.json")
+    else:
+        assert summary["kind"] == "adapter"
+        cfg = store.read_json(f"{layout.ADAPTER}/adapter_config.json")
+        assert cfg["r"] == spec.lora.r

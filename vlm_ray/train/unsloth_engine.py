@@ -1,0 +1,253 @@
+"""The GPU training engine: Unsloth's vision fine-tuning workflow, driven by the job spec.
+
+It follows Unsloth's vision notebooks step by step, with every argument taken
+from the spec (nothing hard-coded):
+
+    FastVisionModel.from_pretrained -> FastVisionModel.get_peft_model (not for full
+    fine-tuning) -> FastVisionModel.for_training -> UnslothVisionDataCollator ->
+    TRL SFTTrainer(SFTConfig(remove_unused_columns=False, dataset_text_field="",
+    dataset_kwargs={"skip_prepare_dataset": True}, max_length=...)) -> train ->
+    save_pretrained (adapter + processor) / save_pretrained_merged("merged_16bit").
+
+`unsloth` is imported inside `train_unsloth`, before transformers/trl/peft are
+touched in that process, as Unsloth requires; importing this module is cheap
+and safe on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from vlm_ray import layout
+from vlm_ray.config import JobSpec
+from vlm_ray.models.families import Family, family_of
+from vlm_ray.models.resolve import resolve_model_path
+from vlm_ray.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
+    """FastVisionModel.from_pretrained (+ get_peft_model unless full fine-tuning) + for_training."""
+    import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
+    from unsloth import FastVisionModel
+
+    m, lora = spec.model, spec.lora
+    model, processor = FastVisionModel.from_pretrained(
+        model_path,
+        max_seq_length=m.max_seq_length,
+        load_in_4bit=m.load_in_4bit,
+        load_in_8bit=m.load_in_8bit,
+        # Unsloth treats load_in_16bit as "do not quantize"; 4/8-bit win when asked for.
+        load_in_16bit=m.load_in_16bit and not (m.load_in_4bit or m.load_in_8bit),
+        full_finetuning=m.full_finetuning,
+        use_gradient_checkpointing=m.use_gradient_checkpointing,
+        trust_remote_code=m.trust_remote_code,
+        **({"attn_implementation": m.attn_implementation} if m.attn_implementation else {}),
+    )
+    if not m.full_finetuning:
+        model = FastVisionModel.get_peft_model(
+            model,
+            finetune_vision_layers=lora.finetune_vision_layers,
+            finetune_language_layers=lora.finetune_language_layers,
+            finetune_attention_modules=lora.finetune_attention_modules,
+            finetune_mlp_modules=lora.finetune_mlp_modules,
+            r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            bias=lora.bias,
+            use_rslora=lora.use_rslora,
+            loftq_config=lora.loftq_config,
+            random_state=lora.random_state,
+            target_modules=lora.target_modules,
+            use_gradient_checkpointing=m.use_gradient_checkpointing,
+        )
+    FastVisionModel.for_training(model)
+    return model, processor
+
+
+def build_unsloth_collator(spec: JobSpec, model: Any, processor: Any, family: Family) -> Any:
+    """UnslothVisionDataCollator with the family's response markers and the spec's image bound."""
+    from unsloth.trainer import UnslothVisionDataCollator
+
+    return UnslothVisionDataCollator(
+        model,
+        processor,
+        max_seq_length=spec.model.max_seq_length,
+        train_on_responses_only=spec.train.train_on_responses_only,
+        instruction_part=family.instruction_part,
+        response_part=family.response_part,
+        # Prepared images are already within data.image_max_size and patch-snapped;
+        # bounding the long side by the same number makes this a no-op safety net
+        # rather than Unsloth's default resize to a model-specific size.
+        resize=spec.data.image_max_size,
+        resize_dimension="max",
+    )
+
+
+def sft_config(spec: JobSpec, output_dir: Path, bf16_supported: bool) -> Any:
+    """TRL SFTConfig with the notebook's vision settings and every trainer knob from spec.train."""
+    from trl import SFTConfig
+
+    t = spec.train
+    bf16 = t.bf16 if t.bf16 is not None else (bf16_supported and not t.fp16)
+    fp16 = t.fp16 if t.fp16 is not None else not bf16
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        # transformers 5 folds warmup_ratio into warmup_steps (a float < 1 is a ratio)
+        warmup_steps=t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps,
+        optim=t.optim,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bf16,
+        fp16=fp16,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        dataloader_num_workers=t.dataloader_num_workers,
+        report_to="none",
+        # what Unsloth's vision notebooks require for a collator-driven VLM dataset
+        remove_unused_columns=False,
+        dataset_text_field="",
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=spec.model.max_seq_length,
+    )
+
+
+def prepared_train_dataset(store: Store, workdir: Path) -> Any:
+    """The prepared train split as a datasets.Dataset that yields Unsloth collator examples.
+
+    The shards are memory-mapped Arrow (not held in memory); each row becomes
+    {"messages": [...], "images": [png/jpeg bytes]} only when the data loader
+    reads it, and the collator decodes the image there.
+    """
+    from datasets import Dataset
+
+    keys = sorted(k for k in store.list(f"{layout.PREPARED}/train") if k.endswith(".parquet"))
+    if not keys:
+        raise FileNotFoundError(
+            f"no prepared train shards under {store.uri_of(layout.PREPARED + '/train')}: run the prepare stage first"
+        )
+    local = workdir / "prepared-train"
+    files = []
+    for key in keys:
+        dest = local / Path(key).name
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(store.read_bytes(key))
+        files.append(str(dest))
+    ds = Dataset.from_parquet(
+        files, columns=["id", "image", "messages"], cache_dir=str(local / "cache")
+    )
+    return ds.with_transform(_as_collator_examples)
+
+
+def _as_collator_examples(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return {
+        "id": batch["id"],
+        "messages": [json.loads(m) for m in batch["messages"]],
+        "images": [[img] for img in batch["image"]],
+    }
+
+
+def train_unsloth(
+    spec: JobSpec, store: Store, workdir: Path, resume_from: str | None, callbacks: list
+) -> dict:
+    """Fine-tune with Unsloth on the prepared train split; save the adapter (and merged model) to the store."""
+    import torch
+    import unsloth  # noqa: F401  (first in this process, before transformers/trl/peft)
+    from trl import SFTTrainer
+    from unsloth import is_bf16_supported
+
+    t0 = time.time()
+    workdir = Path(workdir)
+    model_path = resolve_model_path(spec.model.name, spec.run.s3_endpoint_url)
+    family = family_of(model_path)
+    log.info(
+        "train[unsloth]: start model=%s family=%s 4bit=%s 8bit=%s full=%s run=%s",
+        spec.model.name,
+        family.name,
+        spec.model.load_in_4bit,
+        spec.model.load_in_8bit,
+        spec.model.full_finetuning,
+        store.uri,
+    )
+    model, processor = load_unsloth_model(spec, model_path)
+    collator = build_unsloth_collator(spec, model, processor, family)
+    train_ds = prepared_train_dataset(store, workdir)
+    torch.cuda.reset_peak_memory_stats()
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=processor,
+        data_collator=collator,
+        train_dataset=train_ds,
+        args=sft_config(spec, workdir / "trainer", is_bf16_supported()),
+        callbacks=list(callbacks),
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+
+    outputs = save_unsloth_model(spec, store, workdir, model, processor)
+    summary = {
+        "engine": "unsloth",
+        "family": family.name,
+        "model": spec.model.name,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "peak_gpu_memory_gib": round(peak_gib, 2),
+        "rows": len(train_ds),
+        "resumed_from": resume_from,
+        **outputs,
+    }
+    log.info(
+        "train[unsloth]: done steps=%d loss=%.4f %.1fs peak=%.2fGiB outputs=%s",
+        summary["global_step"],
+        summary["train_loss"],
+        time.time() - t0,
+        peak_gib,
+        {k: v for k, v in outputs.items() if k.endswith("_uri")},
+    )
+    return summary
+
+
+def save_unsloth_model(
+    spec: JobSpec, store: Store, workdir: Path, model: Any, processor: Any
+) -> dict[str, str]:
+    """Adapter (save_pretrained + processor) and/or merged 16-bit model, uploaded under <run>/model/."""
+    out: dict[str, str] = {}
+    if spec.model.full_finetuning:
+        # Full fine-tuning has no adapter: the trained weights are the model.
+        merged_dir = workdir / "merged"
+        model.save_pretrained(merged_dir)
+        processor.save_pretrained(merged_dir)
+        store.upload_dir(merged_dir, layout.MERGED)
+        out.update(kind="full", merged_uri=store.uri_of(layout.MERGED))
+        return out
+    if spec.save.adapter:
+        adapter_dir = workdir / "adapter"
+        model.save_pretrained(adapter_dir)
+        processor.save_pretrained(adapter_dir)
+        store.upload_dir(adapter_dir, layout.ADAPTER)
+        out.update(kind="adapter", adapter_uri=store.uri_of(layout.ADAPTER))
+    if spec.save.merged_16bit:
+        merged_dir = workdir / "merged"
+        model.save_pretrained_merged(str(merged_dir), processor, save_method="merged_16bit")
+        store.upload_dir(merged_dir, layout.MERGED)
+        out["merged_uri"] = store.uri_of(layout.MERGED)
+        out.setdefault("kind", "full")
+    return out
