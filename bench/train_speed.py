@@ -1,0 +1,542 @@
+"""Training speed: HF baseline vs bare Unsloth notebook loop vs our Unsloth engine in a Ray actor.
+
+Run on the GPU machine (docs/gpu.md has the exact device calls), one shape per call:
+
+    PYTHONUNBUFFERED=1 python bench/train_speed.py --shape 2b --out $OUT/train_speed_2b.json
+    PYTHONUNBUFFERED=1 python bench/train_speed.py --shape 7b --modes hf,unsloth,unsloth4,stage
+
+The model is a random-weight Qwen2-VL at the real shape (vlm_ray.models.tiny SHAPES), built
+once on the GPU in bf16 under /tmp, with its embeddings padded to the real vocabulary (the LM
+head and loss cost as much as in the real model). Every mode trains LoRA r=16 on all linear
+layers at batch 4 on the same 448 px images and answers, and runs in its own process
+(importing unsloth patches transformers for the whole process). Timed steps start after
+--warmup steps (Unsloth compiles during its first steps). Modes:
+
+  hf        transformers + PEFT + TRL SFTTrainer, bf16, sdpa, gradient checkpointing (a)
+  unsloth   the bare Unsloth vision notebook: FastVisionModel + UnslothVisionDataCollator +
+            SFTTrainer, 16-bit (b); then the same model without Trainer/collation (the bare
+            step), and at --big-batch, to show where the time goes
+  unsloth4  the same notebook with load_in_4bit (QLoRA)
+  stage     our engine (vlm_ray.train.unsloth_engine.train_unsloth) inside a num_gpus=1 Ray
+            actor, reading prepared parquet shards from a local store (c)
+  profile   torch.profiler over bare Unsloth steps: the top CUDA/CPU ops, into --out's folder
+
+MFU counts 6 x params x tokens (language model over every token, vision tower over every
+patch) against the GPU's dense bf16 peak; the attention's own FLOPs are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_VOCAB = {"2b": 151936, "7b": 152064}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, from NVIDIA's data sheets
+PROMPT = "Read the number in this image."
+HF_TARGETS = [  # every linear layer of the language model and the vision tower (as the probe)
+    *("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    *("qkv", "proj", "fc1", "fc2"),
+]
+
+
+# --- model and data (shared by every mode) -------------------------------------------------
+
+
+def build_model(shape: str, out: Path) -> Path:
+    """Random-weight Qwen2-VL at a real shape, built on the GPU in bf16, real-size vocabulary."""
+    import torch
+
+    from vlm_ray.models.tiny import build_tiny_model
+
+    if (out / "bench_ready").exists():
+        return out
+    t = time.time()
+    # Constructing 7B parameters on the CPU takes many minutes; on the GPU in bf16, seconds.
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        build_tiny_model(out, family="qwen2_vl", size=shape)
+    torch.set_default_dtype(torch.float32)
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        out, dtype=torch.bfloat16, device_map="cuda"
+    )
+    model.resize_token_embeddings(REAL_VOCAB[shape], mean_resizing=False)
+    model.save_pretrained(out)
+    (out / "bench_ready").write_text(json.dumps({"shape": shape, "build_s": time.time() - t}))
+    print(f"built {shape} at {out} in {time.time() - t:.0f}s", flush=True)
+    return out
+
+
+def sample_rows(n: int, size: int) -> list[dict]:
+    """n examples: a number drawn on a white size x size image; the answer repeats it 8 times."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for i in range(n):
+        img = Image.new("RGB", (size, size), "white")
+        number = str(1000 + 37 * i)
+        ImageDraw.Draw(img).text((size // 4, size // 3), number, fill="black")
+        rows.append({"image": img, "answer": (number + " ") * 8})
+    return rows
+
+
+def messages(answer: str | None, with_image: object = None) -> list[dict]:
+    image = {"type": "image", **({"image": with_image} if with_image is not None else {})}
+    user = {"role": "user", "content": [{"type": "text", "text": PROMPT}, image]}
+    return (
+        [user]
+        if answer is None
+        else [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    )
+
+
+def make_clock():
+    """A TrainerCallback that times each optimiser step, synchronising the GPU at both ends.
+
+    Defined on call: transformers must not be imported before unsloth in an Unsloth process.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, *a, **k):
+            torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t)
+
+    return StepClock()
+
+
+def steady(times: list[float], warmup: int, batch: int) -> dict:
+    timed = times[warmup:]
+    if not timed:
+        return {"error": f"only {len(times)} steps ran, {warmup} were warm-up"}
+    mean = sum(timed) / len(timed)
+    return {
+        "samples_per_s": round(batch / mean, 3),
+        "step_ms": round(mean * 1e3, 1),
+        "timed_steps": len(timed),
+        "first_step_s": round(times[0], 1),
+    }
+
+
+def flops_per_sample(model, batch) -> float:
+    """6 x (language-model params x tokens + vision params x patches) per sample."""
+    n_vis = sum(
+        p.numel() for n, p in model.named_parameters() if ".visual." in n or n.startswith("visual.")
+    )
+    n_all = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    n_lm = n_all - n_vis
+    rows = batch["input_ids"].shape[0]
+    tokens = int(batch["attention_mask"].sum())
+    patches = int(batch["pixel_values"].shape[0])
+    return 6 * (n_lm * tokens + n_vis * patches) / rows
+
+
+def peak_flops(gpu_name: str) -> float:
+    return next((v for k, v in PEAK_BF16.items() if k in gpu_name), 989e12)
+
+
+def sft_args(out: str, steps: int, batch: int, **extra):
+    import torch
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=2e-4,
+        warmup_steps=0,
+        logging_steps=1,
+        optim="adamw_torch",
+        bf16=torch.cuda.is_bf16_supported(),
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        dataset_text_field="",
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=2048,
+        **extra,
+    )
+
+
+# --- modes (each in its own process) --------------------------------------------------------
+
+
+def mode_hf(a, model_dir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from trl import SFTTrainer
+
+    proc = AutoProcessor.from_pretrained(model_dir)
+    proc.tokenizer.padding_side = "right"
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map="cuda"
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=HF_TARGETS)
+    )
+    steps = a.warmup + a.steps
+    rows = sample_rows(a.batch * steps, a.image)
+
+    def collate(items):
+        picked = [rows[it["i"]] for it in items]
+        texts = [proc.apply_chat_template(messages(r["answer"]), tokenize=False) for r in picked]
+        b = proc(
+            text=texts, images=[[r["image"]] for r in picked], padding=True, return_tensors="pt"
+        )
+        labels = b["input_ids"].clone()
+        labels[b["attention_mask"] == 0] = -100
+        b["labels"] = labels
+        return b
+
+    clock = make_clock()
+    torch.cuda.reset_peak_memory_stats()
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_args("/tmp/bench_hf", steps, a.batch),
+        train_dataset=Dataset.from_dict({"i": list(range(len(rows)))}),
+        data_collator=collate,
+        processing_class=proc,
+        callbacks=[clock],
+    )
+    trainer.train()
+    res = steady(clock.times, a.warmup, a.batch)
+    b = collate([{"i": i} for i in range(a.batch)])
+    res.update(
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        flops_per_sample=flops_per_sample(model, b),
+        seq_len=int(b["input_ids"].shape[1]),
+    )
+    return res
+
+
+def _unsloth_notebook(a, model_dir: Path, load_in_4bit: bool, gc) -> tuple:
+    """The notebook's model, processor and collator, every argument as the notebook writes it."""
+    from unsloth import FastVisionModel
+    from unsloth.trainer import UnslothVisionDataCollator
+
+    model, proc = FastVisionModel.from_pretrained(
+        str(model_dir),
+        load_in_4bit=load_in_4bit,
+        use_gradient_checkpointing=gc,
+        max_seq_length=2048,
+    )
+    model = FastVisionModel.get_peft_model(
+        model,
+        finetune_vision_layers=True,
+        finetune_language_layers=True,
+        finetune_attention_modules=True,
+        finetune_mlp_modules=True,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0,
+        bias="none",
+        random_state=3407,
+        use_rslora=False,
+        loftq_config=None,
+    )
+    FastVisionModel.for_training(model)
+    return model, proc, UnslothVisionDataCollator(model, proc)
+
+
+def _bare_steps(model, batch, n: int, warm: int) -> float:
+    """Seconds per forward+backward+AdamW step on one fixed batch already on the GPU."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    for i in range(warm + n):
+        if i == warm:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n
+
+
+def mode_unsloth(a, model_dir: Path, load_in_4bit: bool = False) -> dict:
+    import torch
+    import unsloth  # noqa: F401  (first)
+    from trl import SFTTrainer
+
+    gc = {"unsloth": "unsloth", "true": True, "false": False}[a.gc]
+    model, proc, collator = _unsloth_notebook(a, model_dir, load_in_4bit, gc)
+    steps = a.warmup + a.steps
+    rows = sample_rows(a.batch * steps, a.image)
+    data = [{"messages": messages(r["answer"], r["image"])} for r in rows]
+    clock = make_clock()
+    torch.cuda.reset_peak_memory_stats()
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=proc,
+        data_collator=collator,
+        train_dataset=data,  # the notebook passes a list of dicts with PIL images
+        args=sft_args("/tmp/bench_unsloth", steps, a.batch),
+        callbacks=[clock],
+    )
+    trainer.train()
+    res = steady(clock.times, a.warmup, a.batch)
+    res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    t = time.perf_counter()
+    batch = collator(data[: a.batch])
+    res["collate_ms"] = round((time.perf_counter() - t) * 1e3, 1)
+    res["flops_per_sample"] = flops_per_sample(model, batch)
+    res["seq_len"] = int(batch["input_ids"].shape[1])
+    if load_in_4bit or a.no_split:
+        return res
+    # Where the time goes: the same step without Trainer and collation, then at a bigger batch.
+    gpu_batch = {k: v.cuda() for k, v in batch.items()}
+    res["bare_step_ms"] = round(_bare_steps(model, gpu_batch, 8, 3) * 1e3, 1)
+    res["bare_samples_per_s"] = round(a.batch / (res["bare_step_ms"] / 1e3), 3)
+    big = collator(
+        [{"messages": messages(r["answer"], r["image"])} for r in sample_rows(a.big_batch, a.image)]
+    )
+    big = {k: v.cuda() for k, v in big.items()}
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        s = _bare_steps(model, big, 5, 3)
+        res[f"bare_bs{a.big_batch}_samples_per_s"] = round(a.big_batch / s, 3)
+        res[f"bare_bs{a.big_batch}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    except torch.OutOfMemoryError:
+        res[f"bare_bs{a.big_batch}_samples_per_s"] = "out of memory"
+    return res
+
+
+def mode_profile(a, model_dir: Path) -> dict:
+    import torch
+    import unsloth  # noqa: F401  (first)
+    from torch.profiler import ProfilerActivity, profile
+
+    model, _, collator = _unsloth_notebook(a, model_dir, False, "unsloth")
+    rows = sample_rows(a.batch, a.image)
+    batch = collator([{"messages": messages(r["answer"], r["image"])} for r in rows])
+    batch = {k: v.cuda() for k, v in batch.items()}
+    step_s = _bare_steps(model, batch, 3, 8)  # warm up compilation before profiling
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    out = Path(a.out).parent
+    for key in ("cuda_time_total", "cpu_time_total"):
+        table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+        (out / f"profile_{a.shape}_{key}.txt").write_text(table)
+    ev = prof.key_averages()
+    cuda_us = sum(e.self_device_time_total for e in ev) / 3
+    return {"bare_step_ms": round(step_s * 1e3, 1), "gpu_busy_ms_per_step": round(cuda_us / 1e3, 1)}
+
+
+def mode_stage(a, model_dir: Path) -> dict:
+    """Our engine, exactly as the train stage runs it: in a num_gpus=1 Ray actor over prepared shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from vlm_ray import layout
+    from vlm_ray.config import parse_spec
+    from vlm_ray.storage import LocalStore
+
+    steps = a.warmup + a.steps
+    store = LocalStore(f"/tmp/bench_stage_{a.shape}")
+    recs = []
+    for i, r in enumerate(sample_rows(a.batch * steps, a.image)):
+        buf = io.BytesIO()
+        r["image"].save(buf, format="PNG")
+        recs.append(
+            {
+                "id": f"r{i:06d}",
+                "source_id": str(i),
+                "image": buf.getvalue(),
+                "width": a.image,
+                "height": a.image,
+                "prompt": PROMPT,
+                "system_prompt": None,
+                "text": r["answer"],
+                "messages": json.dumps(messages(r["answer"])),
+            }
+        )
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(recs), buf)
+    store.write_bytes(layout.prepared_shard("train", 0), buf.getvalue())
+    spec = parse_spec(
+        {
+            "run": {"uri": store.uri},
+            "model": {"name": str(model_dir), "max_seq_length": 2048},
+            "data": {"source": "bench", "image_min_size": a.image, "image_max_size": a.image},
+            "train": {
+                "engine": "unsloth",
+                "per_device_train_batch_size": a.batch,
+                "gradient_accumulation_steps": 1,
+                "max_steps": steps,
+                "warmup_steps": 0,
+                "save_steps": 10_000,
+                "logging_steps": 1,
+                "train_on_responses_only": True,
+                "dataloader_num_workers": a.workers,
+            },
+        }
+    )
+
+    @ray.remote(num_gpus=1)
+    class Trainer:
+        def train(self) -> dict:
+            import torch
+            import unsloth  # noqa: F401  (first)
+
+            from vlm_ray.train.unsloth_engine import train_unsloth
+
+            clock = make_clock()
+            summary = train_unsloth(spec, store, Path("/tmp/bench_stage_work"), None, [clock])
+            return {
+                **steady(clock.times, a.warmup, a.batch),
+                "peak_gib": summary["peak_gpu_memory_gib"],
+                "gpu": torch.cuda.get_device_name(0),
+            }
+
+    ray.init(include_dashboard=False)  # local workers inherit this process's PYTHONPATH
+    return ray.get(Trainer.remote().train.remote())
+
+
+MODES = {
+    "hf": mode_hf,
+    "unsloth": mode_unsloth,
+    "unsloth4": lambda a, d: mode_unsloth(a, d, load_in_4bit=True),
+    "stage": mode_stage,
+    "profile": mode_profile,
+    "build": lambda a, d: {"built": str(build_model(a.shape, d))},
+}
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+def run_child(mode: str, argv: list[str]) -> dict:
+    """Run one mode in a fresh Python process; its last RESULT line is the answer."""
+    t = time.time()
+    cmd = [sys.executable, __file__, "--child", mode, *argv]
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
+    )
+    lines = proc.stdout.splitlines()
+    found = [json.loads(x[len("RESULT ") :]) for x in lines if x.startswith("RESULT ")]
+    if not found:
+        print("\n".join(lines[-40:]), flush=True)
+        return {"error": f"exit {proc.returncode}", "wall_s": round(time.time() - t)}
+    return {**found[-1], "wall_s": round(time.time() - t)}
+
+
+def summarise(results: dict, shape: str, gpu: str, peak: float) -> str:
+    """A markdown table: samples/s, peak memory, MFU, ratio to the HF baseline."""
+    base = results.get("hf", {}).get("samples_per_s")
+    flops = next((r["flops_per_sample"] for r in results.values() if "flops_per_sample" in r), None)
+    lines = [
+        f"{shape} on {gpu}:",
+        "",
+        "| mode | samples/s | step ms | peak GiB | MFU | x HF |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, r in results.items():
+        sps = r.get("samples_per_s")
+        mfu = f"{100 * sps * flops / peak:.1f}%" if sps and flops else "-"
+        ratio = f"{sps / base:.2f}" if sps and base else "-"
+        lines.append(
+            f"| {mode} | {sps if sps else r.get('error', '-')} | {r.get('step_ms', '-')} | "
+            f"{r.get('peak_gib', '-')} | {mfu} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shape", default="2b", choices=sorted(REAL_VOCAB))
+    p.add_argument("--modes", default="hf,unsloth,stage", help="comma-separated, run in this order")
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps (Unsloth compiles in them)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument(
+        "--big-batch", type=int, default=16, help="batch of the bare-step check in 'unsloth'"
+    )
+    p.add_argument("--image", type=int, default=448, help="image side in px")
+    p.add_argument(
+        "--gc",
+        default="unsloth",
+        choices=["unsloth", "true", "false"],
+        help="Unsloth checkpointing",
+    )
+    p.add_argument("--workers", type=int, default=0, help="dataloader workers in 'stage'")
+    p.add_argument("--no-split", action="store_true", help="skip the bare-step checks in 'unsloth'")
+    p.add_argument("--model-dir", default=None, help="default: /tmp/bench_qwen2_vl_<shape>")
+    p.add_argument("--out", default="train_speed.json")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    model_dir = Path(a.model_dir or f"/tmp/bench_qwen2_vl_{a.shape}")
+    sys.path.insert(0, str(REPO))
+
+    if a.child:
+        res = MODES[a.child](a, model_dir)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    argv = sys.argv[1:]
+    # Every mode, the build included, in its own process: the driver keeps no CUDA memory.
+    built = run_child("build", argv)
+    print(f"build: {json.dumps(built)}", flush=True)
+    gpu = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout.strip()
+    results: dict[str, dict] = {}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for mode in a.modes.split(","):
+        print(f"--- {mode} ({a.shape})", flush=True)
+        results[mode] = run_child(mode, argv)
+        print(f"{mode}: {json.dumps(results[mode])}", flush=True)
+        table = summarise(results, a.shape, gpu, peak_flops(gpu))
+        record = {
+            "shape": a.shape,
+            "gpu": gpu,
+            "date": time.strftime("%Y-%m-%d"),
+            "batch": a.batch,
+            "image": a.image,
+            "warmup": a.warmup,
+            "steps": a.steps,
+            "command": " ".join(sys.argv),
+            "results": results,
+            "table": table,
+        }
+        # written after every mode, so a call cut off at its time limit keeps what it measured
+        out.write_text(json.dumps(record, indent=2) + "\n")
+    print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()
