@@ -1,0 +1,44 @@
+"""The one place the training engine is chosen: from train.engine and the hardware."""
+
+from __future__ import annotations
+
+from vlm_ray.config import JobSpec
+
+
+class EngineUnavailableError(RuntimeError):
+    """The spec asks for an engine this machine cannot run."""
+
+
+def _unsloth_importable() -> tuple[bool, str]:
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        return False, "unsloth is not installed (pip install '.[gpu]')"
+    return True, ""
+
+
+def choose_engine(spec: JobSpec) -> tuple[str, str]:
+    """("unsloth" | "hf", why): Unsloth on a CUDA GPU when importable (engine=auto), else transformers+PEFT."""
+    import torch
+
+    wanted = spec.train.engine
+    has_gpu = torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(0) if has_gpu else None
+    if wanted == "hf":
+        return "hf", "train.engine=hf" + (f" (on {gpu})" if gpu else " (CPU)")
+    if wanted == "unsloth":
+        if not has_gpu:
+            raise EngineUnavailableError(
+                "train.engine=unsloth needs a CUDA GPU, and this worker has none; "
+                "run on a GPU node (ray.num_gpus_per_worker) or set train.engine=auto / hf"
+            )
+        ok, why = _unsloth_importable()
+        if not ok:
+            raise EngineUnavailableError(f"train.engine=unsloth, but {why}")
+        return "unsloth", f"train.engine=unsloth on {gpu}"
+    if not has_gpu:
+        return "hf", "train.engine=auto and no CUDA GPU: transformers+PEFT on CPU"
+    ok, why = _unsloth_importable()
+    if not ok:
+        return "hf", f"train.engine=auto on {gpu}, but {why}: transformers+PEFT"
+    return "unsloth", f"train.engine=auto and a CUDA GPU ({gpu}) with unsloth installed"
