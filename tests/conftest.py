@@ -88,3 +88,85 @@ def tiny_qwen2_vl(models_dir: Path) -> Path:
     from vlm_ray.models.tiny import build_tiny_model
 
     return build_tiny_model(models_dir / "qwen2_vl", family="qwen2_vl", size="tiny")
+
+
+def _number_png(i: int, width: int, height: int) -> bytes:
+    """A real PNG: a number drawn on white."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(img).text((8, height // 2 - 6), str(i), fill="black")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def write_prepared():
+    """Write prepared train/heldout shards as docs/architecture.md specifies: write_prepared(store, rows, ...).
+
+    Lets train/infer tests run without the prepare stage. Rows are numbers drawn on
+    patch-snapped images (56x56 and 84x56), answer = the number.
+    """
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_ray import layout
+
+    prompt = "Read the number in this image."
+
+    def write(
+        store: Store, rows: int = 8, rows_per_shard: int | None = None, heldout: int = 2
+    ) -> list[dict]:
+        per_shard = rows_per_shard or rows
+        shards, all_recs = [], []
+        for split, n, offset in (("train", rows, 0), ("heldout", heldout, rows)):
+            recs = []
+            for i in range(offset, offset + n):
+                w, h = (84, 56) if i % 2 else (56, 56)
+                messages = [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": prompt}, {"type": "image"}],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": str(100 + i)}]},
+                ]
+                recs.append(
+                    {
+                        "id": f"row-{i:04d}",
+                        "source_id": str(i),
+                        "image": _number_png(100 + i, w, h),
+                        "width": w,
+                        "height": h,
+                        "prompt": prompt,
+                        "system_prompt": None,
+                        "text": str(100 + i),
+                        "messages": json.dumps(messages),
+                    }
+                )
+            for s, start in enumerate(range(0, len(recs), per_shard)):
+                chunk = recs[start : start + per_shard]
+                buf = io.BytesIO()
+                pq.write_table(pa.Table.from_pylist(chunk), buf)
+                key = layout.prepared_shard(split, s)
+                store.write_bytes(key, buf.getvalue())
+                shards.append({"split": split, "key": key, "rows": len(chunk)})
+            all_recs += recs
+        store.write_json(
+            layout.PREPARED_MANIFEST,
+            {
+                "rows_in": rows + heldout,
+                "rows_ok": rows + heldout,
+                "rows_quarantined": 0,
+                "splits": {"train": rows, "heldout": heldout},
+                "shards": shards,
+            },
+        )
+        return all_recs
+
+    return write
