@@ -1,0 +1,51 @@
+"""The engine is chosen in one place, from train.engine and the hardware, and says why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm_ray.config import parse_spec
+from vlm_ray.train.engine import EngineUnavailableError, choose_engine
+
+needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only choice")
+
+
+def _spec(engine: str, run_uri: str = "unused"):
+    return parse_spec(
+        {
+            "run": {"uri": run_uri},
+            "model": {"name": "unused"},
+            "data": {"source": "unused"},
+            "train": {"engine": engine},
+        }
+    )
+
+
+@needs_cpu_only
+def test_auto_without_a_gpu_picks_the_transformers_peft_engine_and_says_why():
+    name, reason = choose_engine(_spec("auto"))
+    assert name == "hf"
+    assert "no CUDA GPU" in reason
+
+
+@needs_cpu_only
+def test_hf_is_used_when_asked_for():
+    assert choose_engine(_spec("hf"))[0] == "hf"
+
+
+@needs_cpu_only
+def test_unsloth_without_a_gpu_fails_with_what_to_do():
+    with pytest.raises(EngineUnavailableError, match=r"needs a CUDA GPU.*train\.engine=auto"):
+        choose_engine(_spec("unsloth"))
+
+
+@needs_cpu_only
+def test_train_stage_refuses_unsloth_on_a_cluster_without_gpus_before_starting_an_actor(
+    ray_cluster, tmp_path
+):
+    from vlm_ray.stages.train import run_train
+
+    with pytest.raises(EngineUnavailableError, match="this Ray cluster has none"):
+        run_train(_spec("unsloth", str(tmp_path / "run")))
+    assert not (tmp_path / "run" / "train").exists()
