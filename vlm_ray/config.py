@@ -156,6 +156,11 @@ class DataSpec(_Section):
         gt=1.0,
         description="Reject images whose long/short side ratio exceeds this (default: the model family's limit).",
     )
+    min_image_side: int = Field(
+        8,
+        ge=1,
+        description="Reject source images with a side shorter than this, in px (a 1x1 image holds no content).",
+    )
     image_format: Literal["png", "jpeg"] = Field(
         "png", description="How images are stored in the prepared shards."
     )
