@@ -1,0 +1,169 @@
+"""The path CI pipelines use: a real Ray head started with `ray start --head`, the demo job sent
+with the Ray job submission API (`ray job submit --working-dir .` does the same), its outputs
+checked, and only this head stopped afterwards.
+
+Ray >= 2.59 turns token authentication on for local clusters: the head and the client share
+a token through RAY_AUTH_MODE=token / RAY_AUTH_TOKEN, as a CI pipeline would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vlm_ray import layout
+from vlm_ray.demo_data import write_digits_dataset
+from vlm_ray.storage import open_store
+
+ROOT = Path(__file__).parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+EXCLUDES = [
+    ".venv",
+    ".git",
+    ".cache",
+    ".gpu",
+    ".gpu-wheels",
+    "runs",
+    "*.egg-info",
+    "**/__pycache__",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Ray head of our own (own temp dir and ports); yields its dashboard (job API) address."""
+    temp_dir = tmp_path_factory.mktemp("ray")
+    dashboard = _free_port()
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    # Every fixed default port is chosen here, so this head never meets another one on the machine.
+    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1"]
+    cmd += [f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
+    cmd += [f"--ray-client-server-port={_free_port()}", "--num-cpus=2", "--num-gpus=0"]
+    cmd += [f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp_dir}"]
+    cmd += ["--disable-usage-stats"]
+    log = (temp_dir / "ray-start.log").open("w")
+    # --block keeps `ray start` in the foreground: stopping it stops this head's processes only
+    # (its own process group), never another Ray on the machine as a bare `ray stop` would.
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update({k: env[k] for k in saved})
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited: {(temp_dir / 'ray-start.log').read_text()[-2000:]}")
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield address
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of this head's group still running
+        log.close()
+
+
+def _submit_and_wait(address: str, args: list[str], timeout_s: float = 400) -> tuple[str, str]:
+    """Submit `python -m jobs.pipeline <args>` with the checkout as working dir; (status, logs)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=" ".join(["python -m jobs.pipeline", *args]),
+        runtime_env={
+            "working_dir": str(ROOT),
+            "excludes": EXCLUDES,
+            "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        },
+    )
+    deadline = time.time() + timeout_s
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        assert time.time() < deadline, f"job {job_id} still {status} after {timeout_s} s"
+        time.sleep(2)
+    return str(status), client.get_job_logs(job_id)
+
+
+@pytest.fixture(scope="module")
+def demo_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: Path) -> list[str]:
+    """Overrides that shrink examples/demo.yaml to a few-second run on 2 CPUs."""
+    data = write_digits_dataset(tmp_path_factory.mktemp("digits"), limit=40)
+    return [
+        f"model.name={tiny_qwen2_vl}",
+        f"data.source={data}",
+        "data.heldout_fraction=0.25",
+        "data.rows_per_shard=20",
+        "train.max_steps=2",
+        "train.per_device_train_batch_size=4",
+        "train.warmup_steps=0",
+        "generation.max_new_tokens=2",
+        "generation.batch_size=8",
+    ]
+
+
+def test_demo_job_submitted_to_a_ray_head_succeeds_and_resumes(
+    ray_head: str, demo_inputs: list[str], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    args = ["--config", "examples/demo.yaml", f"run.uri={run}", *demo_inputs]
+    status, logs = _submit_and_wait(ray_head, args)
+    assert status == "SUCCEEDED", logs[-4000:]
+    store = open_store(str(run))
+    assert f"Run {store.uri}" in logs, "the job prints where its outputs went"
+    metrics = store.read_json(layout.EVAL_METRICS)
+    assert set(metrics["models"]) >= {"base", "finetuned"} and metrics["rows"] > 0
+    assert store.exists(layout.MODEL_INFO) and store.exists(layout.EVAL_REPORT)
+    first_manifest = store.read_bytes(layout.PREPARED_MANIFEST)
+    first_model = store.read_bytes(layout.MODEL_INFO)
+
+    # Resubmitting the same run is safe: committed work is skipped, not redone or duplicated.
+    status, logs = _submit_and_wait(ray_head, args)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert store.read_bytes(layout.PREPARED_MANIFEST) == first_manifest
+    assert store.read_bytes(layout.MODEL_INFO) == first_model
+    assert store.read_json(layout.EVAL_METRICS)["rows"] == metrics["rows"]
+
+
+def test_a_bad_job_spec_fails_the_job_with_a_message_naming_the_field(
+    ray_head: str, tmp_path: Path
+) -> None:
+    args = ["--config", "examples/demo.yaml", f"run.uri={tmp_path}/run", "lora.r=0"]
+    status, logs = _submit_and_wait(ray_head, args, timeout_s=120)
+    assert status == "FAILED"
+    assert "lora.r" in logs and "greater than or equal to 1" in logs
