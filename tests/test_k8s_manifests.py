@@ -168,6 +168,7 @@ def test_images_are_set_by_the_overlay_with_versioned_tags(overlay: str) -> None
 
 def test_gpu_overlay_has_a_gpu_worker_group_and_cpu_only_has_none() -> None:
     (gpu_cluster,) = _by_kind(_render("gpu"), "RayCluster")
+    assert gpu_cluster["spec"]["authOptions"] == {"mode": "token"}
     groups = {g["groupName"]: g for g in gpu_cluster["spec"]["workerGroupSpecs"]}
     assert set(groups) == {"cpu-workers", "gpu-workers"}
     gpu_limits = groups["gpu-workers"]["template"]["spec"]["containers"][0]["resources"]["limits"]
