@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vlm_ray import layout
+from vlm_ray.data.shards import list_shards
 from vlm_ray.storage import Store
 
 log = logging.getLogger(__name__)
@@ -37,20 +38,20 @@ log = logging.getLogger(__name__)
 COLUMNS = ["id", "image", "messages"]
 
 
-def list_prepared_shards(store: Store, split: str) -> list[tuple[str, int | None]]:
-    """(key, rows) of every prepared shard of a split, in shard order; rows from the manifest when it has them."""
-    rows: dict[str, int] = {}
+def list_prepared_shards(store: Store, split: str) -> list[tuple[str, int | None, str | None]]:
+    """(key, rows, sha256) of every prepared shard of a split, in shard order; rows and sha256 from the manifest."""
+    known: dict[str, dict[str, Any]] = {}
     if store.exists(layout.PREPARED_MANIFEST):
         for entry in store.read_json(layout.PREPARED_MANIFEST).get("shards", []):
-            if entry.get("split") == split and "rows" in entry:
-                rows[entry["key"]] = int(entry["rows"])
-    keys = sorted(k for k in store.list(f"{layout.PREPARED}/{split}") if k.endswith(".parquet"))
+            if entry.get("split") == split:
+                known[entry["key"]] = entry
+    keys = list_shards(store, f"{layout.PREPARED}/{split}")
     if not keys:
         raise FileNotFoundError(
             f"no prepared {split} shards under {store.uri_of(f'{layout.PREPARED}/{split}')}: "
             "run the prepare stage first (vlm-ray prepare --config <spec>)"
         )
-    return [(k, rows.get(k)) for k in keys]
+    return [(k, known.get(k, {}).get("rows"), known.get(k, {}).get("sha256")) for k in keys]
 
 
 class PreparedShardsDataset(Dataset):
@@ -65,9 +66,12 @@ class PreparedShardsDataset(Dataset):
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, pa.Table] = OrderedDict()
         shards = list_prepared_shards(store, split)
-        self.keys = [k for k, _ in shards]
+        self.keys = [k for k, _, _ in shards]
+        self.digests = [sha for _, _, sha in shards]
         # Without a manifest entry the shard is fetched now to count its rows.
-        counts = [n if n is not None else self._load(i).num_rows for i, (_, n) in enumerate(shards)]
+        counts = [
+            n if n is not None else self._load(i).num_rows for i, (_, n, _) in enumerate(shards)
+        ]
         self.starts = [0]
         for n in counts:
             self.starts.append(self.starts[-1] + n)
@@ -83,7 +87,10 @@ class PreparedShardsDataset(Dataset):
 
     def _local_file(self, index: int) -> Path:
         """The shard as a local uncompressed Arrow file (fetched from the store once per node)."""
-        path = self.cache_dir / (Path(self.keys[index]).stem + ".arrow")
+        # Named by content hash where the manifest gives one: a re-prepared run never reads a stale copy.
+        digest = self.digests[index]
+        name = Path(self.keys[index]).stem + (f"-{digest[:16]}" if digest else "")
+        path = self.cache_dir / f"{name}.arrow"
         if path.exists():
             return path
         table = pq.read_table(io.BytesIO(self.store.read_bytes(self.keys[index])), columns=COLUMNS)
