@@ -1,0 +1,1 @@
+"""Batch inference: model loading, batched generation, and the pool of Ray actors that runs it."""

@@ -1,0 +1,151 @@
+"""Which weights a model tag means, and loading them once for inference (Unsloth on GPU, transformers on CPU).
+
+    "base"       -> spec.model.name
+    "finetuned"  -> <run>/model/model_info.json: an adapter on its base model, or a merged/full model
+    other tags   -> model_info.json of another run (model_runs[tag]), e.g. the champion in retraining
+
+Every URI goes through vlm_ray.models.resolve, so hub ids, folders and s3:// folders all load
+(object-storage folders are copied once per node).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vlm_ray import layout
+from vlm_ray.config import JobSpec
+from vlm_ray.models.resolve import resolve_model_path
+from vlm_ray.storage import open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What one model tag loads: a model folder, plus an optional LoRA adapter on top of it."""
+
+    tag: str
+    model_uri: str  # hub id, folder, or s3:// folder that from_pretrained loads
+    adapter_uri: str | None = None  # PEFT adapter folder (its processor travels with it)
+    source: str = ""  # where this was decided (spec field or model_info.json URI), for logs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (Ray arguments, manifests)."""
+        return asdict(self)
+
+
+def resolve_model_ref(
+    spec: JobSpec, tag: str, model_runs: dict[str, str] | None = None
+) -> ModelRef:
+    """The weights behind a tag: "base" is model.name; any other tag reads a run's model/model_info.json."""
+    if tag == "base":
+        return ModelRef(tag, spec.model.name, None, "model.name")
+    runs = model_runs or {}
+    if tag != "finetuned" and tag not in runs:
+        raise ValueError(
+            f"model tag {tag!r}: expected 'base', 'finetuned', or a tag given in model_runs "
+            f"(got model_runs for {sorted(runs) or 'no tags'})"
+        )
+    run_store = open_store(runs.get(tag, spec.run.uri), spec.run.s3_endpoint_url)
+    info_uri = run_store.uri_of(layout.MODEL_INFO)
+    if not run_store.exists(layout.MODEL_INFO):
+        raise FileNotFoundError(
+            f"model tag {tag!r}: {info_uri} does not exist; run the train stage on that run first, "
+            "or leave the tag out of infer.models"
+        )
+    info = run_store.read_json(layout.MODEL_INFO)
+    kind, path = info.get("kind"), info.get("path")
+    if kind not in ("adapter", "full") or not path:
+        raise ValueError(
+            f"{info_uri}: expected kind 'adapter' or 'full' and a path, got kind={kind!r} path={path!r}"
+        )
+    if kind == "adapter":
+        return ModelRef(tag, info["base_model"], run_store.uri_of(path), info_uri)
+    return ModelRef(tag, run_store.uri_of(path), None, info_uri)
+
+
+def _has_processor(folder: str) -> bool:
+    p = Path(folder)
+    return p.is_dir() and any(
+        (p / name).exists() for name in ("preprocessor_config.json", "processor_config.json")
+    )
+
+
+def _left_padded(processor: Any) -> Any:
+    # Decoder-only generation continues from the last position: pads must be on the left.
+    processor.tokenizer.padding_side = "left"
+    if getattr(processor, "padding_side", None) is not None:
+        processor.padding_side = "left"
+    return processor
+
+
+def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
+    """(model in eval mode on its device, left-padding processor, note naming the engine and why)."""
+    from vlm_ray.train.engine import choose_engine
+
+    engine, why = choose_engine(spec)
+    endpoint = spec.run.s3_endpoint_url
+    model_path = resolve_model_path(ref.model_uri, endpoint)
+    adapter_path = resolve_model_path(ref.adapter_uri, endpoint) if ref.adapter_uri else None
+    processor_path = adapter_path if adapter_path and _has_processor(adapter_path) else model_path
+    if engine == "unsloth":
+        model, processor = _load_unsloth(spec, model_path, adapter_path)
+    else:
+        model, processor = _load_hf(spec, model_path, adapter_path, processor_path)
+    note = f"{engine} ({why}); model {ref.model_uri}" + (
+        f" + adapter {ref.adapter_uri}" if ref.adapter_uri else ""
+    )
+    return model, _left_padded(processor), note
+
+
+def _load_unsloth(spec: JobSpec, model_path: str, adapter_path: str | None) -> tuple[Any, Any]:
+    """FastVisionModel.from_pretrained (+ the adapter) + for_inference, as Unsloth's notebooks do."""
+    import unsloth  # noqa: F401  (first: it patches transformers and peft)
+    from unsloth import FastVisionModel
+
+    m = spec.model
+    model, processor = FastVisionModel.from_pretrained(
+        model_path,
+        max_seq_length=m.max_seq_length,
+        load_in_4bit=m.load_in_4bit,
+        load_in_8bit=m.load_in_8bit,
+        load_in_16bit=m.load_in_16bit and not (m.load_in_4bit or m.load_in_8bit),
+        full_finetuning=False,
+        trust_remote_code=m.trust_remote_code,
+        **({"attn_implementation": m.attn_implementation} if m.attn_implementation else {}),
+    )
+    if adapter_path:
+        from peft import PeftModel
+
+        # The base is loaded from our own resolved path, not the adapter's recorded
+        # base_model_name_or_path (a folder on the training node).
+        model = PeftModel.from_pretrained(model, adapter_path)
+    FastVisionModel.for_inference(model)
+    return model, processor
+
+
+def _load_hf(
+    spec: JobSpec, model_path: str, adapter_path: str | None, processor_path: str
+) -> tuple[Any, Any]:
+    """AutoModelForImageTextToText (+ the adapter merged in) and AutoProcessor: the CPU engine."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    m = spec.model
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
+    if adapter_path:
+        from peft import PeftModel
+
+        # Merged once at load time: generation then runs at the base model's speed.
+        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+    model = model.to("cuda" if cuda else "cpu").eval()
+    processor = AutoProcessor.from_pretrained(processor_path, trust_remote_code=m.trust_remote_code)
+    return model, processor

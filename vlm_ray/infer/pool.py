@@ -1,0 +1,204 @@
+"""A pool of Ray actors, each holding one model copy, predicting input shards exactly once.
+
+Ray Core actors rather than Ray Data's map_batches: the unit of work and of recovery here is one
+input shard, whose predictions file is written atomically and committed with a create-only marker
+(vlm_ray.ledger). An actor task per shard maps onto that one to one: a re-run skips committed
+shards before any work is scheduled, and when an actor's process dies, Ray restarts the actor
+(max_restarts, reloading the model) and re-runs its unfinished shard calls on it
+(max_task_retries); the marker makes a redone shard count once. Ray Data would stream rows
+through the actors without that per-shard commit point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from vlm_ray.config import JobSpec, parse_spec, spec_to_dict
+from vlm_ray.ledger import ShardLedger
+from vlm_ray.storage import open_store
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_ACTOR = 2  # one shard generating, the next one queued behind it
+PROGRESS_EVERY_S = 15.0
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One input shard and where its predictions go."""
+
+    shard_id: str  # "shard-00003": the ledger's key
+    input_key: str  # prepared/heldout/shard-00003.parquet
+    output_key: str  # predictions/<tag>/shard-00003.jsonl
+
+
+@ray.remote
+class InferActor:
+    """Loads one model copy once, then predicts whole shards: write the file, then commit it."""
+
+    def __init__(
+        self, spec: dict[str, Any], ref: dict[str, Any], ledger_prefix: str, fingerprint: str
+    ):
+        from vlm_ray.infer.loading import ModelRef, load_for_inference
+
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        self.spec: JobSpec = parse_spec(spec, "(infer actor)")
+        import torch
+
+        if not torch.cuda.is_available():
+            # Use the CPUs Ray reserved for this actor, no more.
+            torch.set_num_threads(max(1, int(self.spec.ray.num_cpus_per_worker)))
+        self.store = open_store(self.spec.run.uri, self.spec.run.s3_endpoint_url)
+        self.ledger = ShardLedger(self.store, ledger_prefix)
+        self.fingerprint = fingerprint
+        start = time.time()
+        self.model, self.processor, self.note = load_for_inference(self.spec, ModelRef(**ref))
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        log.info(
+            "infer actor pid %d: loaded %s in %.1f s%s",
+            os.getpid(),
+            self.note,
+            time.time() - start,
+            " (restarted after a failure)" if self.restarted else "",
+        )
+
+    def engine_note(self) -> str:
+        """Which engine and weights this actor runs."""
+        return self.note
+
+    def predict_shard(self, task: ShardTask) -> dict[str, Any]:
+        """Predict one input shard into its predictions file and commit it; a committed shard is skipped."""
+        from vlm_ray.data.shards import read_shard
+        from vlm_ray.infer.generation import predict_table
+
+        if self.ledger.is_done(task.shard_id):  # committed by an earlier attempt
+            return self.ledger.store.read_json(f"{self.ledger.prefix}/_done/{task.shard_id}.json")
+        start = time.time()
+        table = read_shard(self.store, task.input_key)
+        records = predict_table(self.model, self.processor, table, self.spec.generation)
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        # The file first, the marker second: a shard is done only once both exist.
+        self.store.write_bytes(task.output_key, body)
+        seconds = time.time() - start
+        record = {
+            "input_key": task.input_key,
+            "key": task.output_key,
+            "rows": len(records),
+            "errors": sum(1 for r in records if r["error"]),
+            "tokens": sum(r["tokens"] for r in records),
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "seconds": round(seconds, 3),
+            "images_per_s": round(len(records) / seconds, 3) if seconds else None,
+            "fingerprint": self.fingerprint,
+            "pid": os.getpid(),
+            "actor_restarted": self.restarted,
+        }
+        if not self.ledger.commit(task.shard_id, record):  # another attempt committed first
+            return self.ledger.store.read_json(f"{self.ledger.prefix}/_done/{task.shard_id}.json")
+        return record
+
+
+def default_pool_size(spec: JobSpec, gpus: int) -> int:
+    """spec.ray.pool_size, else one actor per GPU-share in the cluster, else 1 (CPU)."""
+    if spec.ray.pool_size:
+        return spec.ray.pool_size
+    if gpus and spec.ray.num_gpus_per_worker:
+        return max(1, int(gpus / spec.ray.num_gpus_per_worker))
+    return 1
+
+
+def run_pool(
+    spec: JobSpec,
+    ref: dict[str, Any],
+    tasks: list[ShardTask],
+    ledger_prefix: str,
+    fingerprint: str,
+    gpus: int,
+) -> list[dict[str, Any]]:
+    """Predict every task on a pool of InferActors with bounded in-flight work; returns the commit records."""
+    if not tasks:
+        return []
+    size = min(default_pool_size(spec, gpus), len(tasks))
+    restarts = spec.ray.max_retries
+    actor_cls = InferActor.options(
+        num_cpus=spec.ray.num_cpus_per_worker,
+        num_gpus=spec.ray.num_gpus_per_worker if gpus else 0,
+        max_restarts=restarts,
+        # a shard call in flight (or queued) when the actor died runs again on the restarted actor
+        max_task_retries=restarts,
+    )
+    spec_dict = spec_to_dict(spec)
+    actors = [actor_cls.remote(spec_dict, ref, ledger_prefix, fingerprint) for _ in range(size)]
+    log.info(
+        "infer[%s]: %d shards on %d actors (num_gpus=%s each, max_restarts=%d)",
+        ref["tag"],
+        len(tasks),
+        size,
+        spec.ray.num_gpus_per_worker if gpus else 0,
+        restarts,
+    )
+    progress = _Progress(ref["tag"], len(tasks))
+    todo = list(reversed(tasks))
+    in_flight: dict[Any, tuple[int, ShardTask]] = {}
+    load = [0] * size
+    records = []
+    try:
+        while todo or in_flight:
+            while todo and min(load) < IN_FLIGHT_PER_ACTOR:
+                a = load.index(min(load))
+                task = todo.pop()
+                in_flight[actors[a].predict_shard.remote(task)] = (a, task)
+                load[a] += 1
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref_ in ready:
+                a, task = in_flight.pop(ref_)
+                load[a] -= 1
+                try:
+                    record = ray.get(ref_)
+                except ray.exceptions.RayError as err:
+                    raise RuntimeError(
+                        f"infer[{ref['tag']}]: input shard {task.input_key} failed after "
+                        f"{restarts} actor restarts: {err}"
+                    ) from err
+                records.append(record)
+                progress.add(record)
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    return records
+
+
+class _Progress:
+    """A log line every PROGRESS_EVERY_S with shards done and images/s."""
+
+    def __init__(self, tag: str, total: int):
+        self.tag, self.total = tag, total
+        self.start = self.last = time.time()
+        self.shards = self.rows = self.errors = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.shards += 1
+        self.rows += record["rows"]
+        self.errors += record["errors"]
+        now = time.time()
+        if now - self.last >= PROGRESS_EVERY_S or self.shards == self.total:
+            self.last = now
+            log.info(
+                "infer[%s]: %d/%d shards, %d images (%d errors), %.2f images/s",
+                self.tag,
+                self.shards,
+                self.total,
+                self.rows,
+                self.errors,
+                self.rows / max(now - self.start, 1e-9),
+            )

@@ -1,0 +1,170 @@
+"""The infer stage: predict every input shard with each model tag, exactly once, on a pool of Ray actors.
+
+    run_infer(spec) -> inputs: <run>/prepared/heldout/ (default) or infer.source prepared into
+    <run>/infer_input/all/ -> per tag ("base", "finetuned", ...): resolve the weights ->
+    InferActor pool (one model copy each) -> <run>/predictions/<tag>/shard-NNNNN.jsonl,
+    commit markers under predictions/<tag>/_done/, predictions/<tag>/manifest.json
+
+A re-run skips committed shards; a re-run with another model, input or generation settings
+on the same predictions is refused rather than mixed (delete the folder or use a new run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+from vlm_ray import layout
+from vlm_ray.config import JobSpec
+from vlm_ray.data.shards import list_shards
+from vlm_ray.infer.loading import ModelRef, resolve_model_ref
+from vlm_ray.infer.pool import ShardTask, run_pool
+from vlm_ray.ledger import ShardLedger
+from vlm_ray.ray_cluster import cluster_gpus, init_ray
+from vlm_ray.storage import Store, open_store
+
+log = logging.getLogger(__name__)
+
+INFER_INPUT = "infer_input"
+
+
+def input_prefix(spec: JobSpec) -> str:
+    """Where the input shards are: the held-out split, or infer.source prepared into infer_input/all."""
+    if spec.infer.source is None:
+        return f"{layout.PREPARED}/heldout"
+    from vlm_ray.stages.prepare import prepare_dataset
+
+    prepare_dataset(
+        spec,
+        spec.infer.source,
+        spec.infer.format,
+        INFER_INPUT,
+        None,
+        require_text=False,
+        prompt=spec.infer.prompt,
+        rows_per_shard=spec.infer.rows_per_shard,
+    )
+    return f"{INFER_INPUT}/all"
+
+
+def shard_tasks(input_keys: list[str], tag: str) -> list[ShardTask]:
+    """One task per input shard; the predictions file takes the input shard's name."""
+    tasks = []
+    for key in input_keys:
+        sid = key.rsplit("/", 1)[-1].removesuffix(".parquet")
+        tasks.append(ShardTask(sid, key, f"{layout.predictions_dir(tag)}/{sid}.jsonl"))
+    return tasks
+
+
+def predictions_fingerprint(spec: JobSpec, ref: ModelRef, prefix: str) -> str:
+    """What makes predictions comparable: the weights, the input and the generation settings."""
+    gen = spec.generation.model_dump(exclude={"batch_size"})  # batch size changes speed, not output
+    blob = json.dumps(
+        {"model": ref.model_uri, "adapter": ref.adapter_uri, "input": prefix, "generation": gen},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _refuse_mixed(store: Store, ledger: ShardLedger, fingerprint: str, ref: ModelRef) -> None:
+    for record in ledger.records():
+        if record.get("fingerprint") != fingerprint:
+            raise RuntimeError(
+                f"{store.uri_of(layout.predictions_dir(ref.tag))} holds predictions made with another "
+                f"model, input or generation settings (shard {record['shard_id']}); delete that folder "
+                "to predict again, or use a new run.uri"
+            )
+
+
+def predict_with(
+    spec: JobSpec, store: Store, ref: ModelRef, prefix: str, input_keys: list[str]
+) -> dict[str, Any]:
+    """Predict every input shard with one model; returns (and writes) predictions/<tag>/manifest.json."""
+    start = time.time()
+    out_prefix = layout.predictions_dir(ref.tag)
+    ledger = ShardLedger(store, out_prefix)
+    fingerprint = predictions_fingerprint(spec, ref, prefix)
+    _refuse_mixed(store, ledger, fingerprint, ref)
+    tasks = shard_tasks(input_keys, ref.tag)
+    done = ledger.done_ids()
+    todo = [t for t in tasks if t.shard_id not in done]
+    log.info(
+        "infer[%s]: start %s -> %s; %d input shards, %d already done; weights %s%s",
+        ref.tag,
+        store.uri_of(prefix),
+        store.uri_of(out_prefix),
+        len(tasks),
+        len(tasks) - len(todo),
+        ref.model_uri,
+        f" + adapter {ref.adapter_uri}" if ref.adapter_uri else "",
+    )
+    run_pool(spec, ref.to_dict(), todo, out_prefix, fingerprint, cluster_gpus())
+    wanted = {t.shard_id for t in tasks}
+    shards = [r for r in ledger.records() if r["shard_id"] in wanted]
+    missing = wanted - {r["shard_id"] for r in shards}
+    if missing:
+        raise RuntimeError(f"infer[{ref.tag}]: shards {sorted(missing)} have no commit marker")
+    wall = time.time() - start
+    ran = [r for r in shards if r["shard_id"] in {t.shard_id for t in todo}]
+    rows_ran = sum(r["rows"] for r in ran)
+    manifest = {
+        "tag": ref.tag,
+        "model": ref.to_dict(),
+        "input": store.uri_of(prefix),
+        "fingerprint": fingerprint,
+        "generation": spec.generation.model_dump(),
+        "rows": sum(r["rows"] for r in shards),
+        "errors": sum(r["errors"] for r in shards),
+        "tokens": sum(r["tokens"] for r in shards),
+        "shards": [
+            {k: r[k] for k in ("shard_id", "input_key", "key", "rows", "errors", "sha256")}
+            for r in shards
+        ],
+        "shards_run": len(ran),
+        "shards_skipped": len(shards) - len(ran),
+        "wall_s": round(wall, 2),
+        "images_per_s": round(rows_ran / wall, 3) if ran else None,
+    }
+    store.write_json(f"{out_prefix}/manifest.json", manifest)
+    log.info(
+        "infer[%s]: done in %.1f s: %d rows (%d errors), %d shards run, %d skipped, %s images/s -> %s",
+        ref.tag,
+        wall,
+        manifest["rows"],
+        manifest["errors"],
+        manifest["shards_run"],
+        manifest["shards_skipped"],
+        manifest["images_per_s"],
+        store.uri_of(f"{out_prefix}/manifest.json"),
+    )
+    return manifest
+
+
+def run_infer(
+    spec: JobSpec, models: list[str] | None = None, model_runs: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Predict the inputs with each model tag (default infer.models); model_runs maps extra tags to run URIs."""
+    start = time.time()
+    init_ray(spec.ray)
+    store = open_store(spec.run.uri, spec.run.s3_endpoint_url)
+    tags = list(models or spec.infer.models)
+    # Resolve every tag before any work: a missing model fails in seconds, not after the base ran.
+    refs = [resolve_model_ref(spec, tag, model_runs) for tag in tags]
+    prefix = input_prefix(spec)
+    keys = list_shards(store, prefix)
+    if not keys:
+        raise FileNotFoundError(
+            f"infer: no input shards under {store.uri_of(prefix)}; run the prepare stage first "
+            "(or set infer.source to a folder or s3:// prefix of images)"
+        )
+    results = {ref.tag: predict_with(spec, store, ref, prefix, keys) for ref in refs}
+    log.info(
+        "infer: done in %.1f s: %s -> %s",
+        time.time() - start,
+        ", ".join(f"{t} {m['rows']} rows" for t, m in results.items()),
+        store.uri_of(layout.PREDICTIONS),
+    )
+    return {"input": store.uri_of(prefix), "models": results}
