@@ -1,0 +1,114 @@
+"""The infer stage on a real local Ray cluster: every input predicted exactly once, on a folder and on a
+real S3 server; resume after a re-run; a SIGKILLed actor is replaced and its shard redone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+from test_infer_loading import infer_spec, write_random_adapter
+
+from vlm_ray import layout
+from vlm_ray.ledger import ShardLedger
+from vlm_ray.storage import LocalStore, S3Store, Store
+
+
+def _predictions(store: Store, tag: str) -> list[dict]:
+    rows = []
+    for key in store.list(layout.predictions_dir(tag)):
+        if key.endswith(".jsonl") and "/_done/" not in key:
+            rows += [json.loads(line) for line in store.read_text(key).splitlines()]
+    return rows
+
+
+def _spec_for(store: Store, model, tmp_path, **sections):
+    endpoint = store.endpoint_url if isinstance(store, S3Store) else None
+    return infer_spec(store.uri, model, endpoint, **sections)
+
+
+def test_every_heldout_row_is_predicted_once_per_model_and_a_rerun_redoes_only_uncommitted_shards(
+    ray_cluster, store, write_prepared, tiny_qwen2_vl, tmp_path
+):
+    from vlm_ray.stages.infer import run_infer
+
+    recs = write_prepared(store, rows=2, heldout=6, rows_per_shard=2)
+    heldout = {r["id"]: r for r in recs[2:]}
+    write_random_adapter(store, tiny_qwen2_vl, tmp_path / "work")
+    spec = _spec_for(store, tiny_qwen2_vl, tmp_path)
+
+    result = run_infer(spec)
+    for tag in ("base", "finetuned"):
+        rows = _predictions(store, tag)
+        assert sorted(r["id"] for r in rows) == sorted(heldout), f"{tag}: each row exactly once"
+        for r in rows:
+            assert r["reference"] == heldout[r["id"]]["text"]
+            assert r["prompt"] == heldout[r["id"]]["prompt"] and r["error"] is None
+            assert 0 < r["tokens"] <= 4 and r["latency_s"] > 0
+        manifest = store.read_json(f"{layout.predictions_dir(tag)}/manifest.json")
+        assert manifest == result["models"][tag]
+        assert (manifest["rows"], len(manifest["shards"]), manifest["shards_run"]) == (6, 3, 3)
+    assert result["models"]["finetuned"]["model"]["adapter_uri"] == store.uri_of(layout.ADAPTER)
+
+    # Lose one shard's commit (as if its actor died after writing the file): only it is redone.
+    ledger = ShardLedger(store, layout.predictions_dir("base"))
+    before = {r["shard_id"]: r["committed_at"] for r in ledger.records()}
+    store.delete(f"{layout.predictions_dir('base')}/_done/shard-00001.json")
+    again = run_infer(spec, models=["base"])["models"]["base"]
+    assert (again["shards_run"], again["shards_skipped"]) == (1, 2)
+    after = {r["shard_id"]: r["committed_at"] for r in ledger.records()}
+    assert after["shard-00000"] == before["shard-00000"]
+    assert after["shard-00001"] > before["shard-00001"]
+    assert sorted(r["id"] for r in _predictions(store, "base")) == sorted(heldout)
+
+    # Other generation settings on the same predictions are refused, not mixed in.
+    changed = spec.model_copy(deep=True)
+    changed.generation.max_new_tokens = 9
+    with pytest.raises(RuntimeError, match=r"predictions/base holds predictions made with another"):
+        run_infer(changed, models=["base"])
+
+
+def test_killing_an_actor_mid_run_still_predicts_every_row_exactly_once(
+    ray_cluster, write_prepared, tiny_qwen2_vl, tmp_path
+):
+    from vlm_ray.stages.infer import run_infer
+
+    store = LocalStore(tmp_path / "run")
+    recs = write_prepared(store, rows=2, heldout=16, rows_per_shard=2)
+    spec = _spec_for(
+        store,
+        tiny_qwen2_vl,
+        tmp_path,
+        generation={"max_new_tokens": 8, "batch_size": 2},
+        ray={"pool_size": 2, "max_retries": 2},
+    )
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = run_infer(spec, models=["base"])
+        except BaseException as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    done = store.local_path(f"{layout.predictions_dir('base')}/_done")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (done.is_dir() and any(done.glob("*.json"))):
+        time.sleep(0.05)
+    first = json.loads(next(done.glob("*.json")).read_text())
+    os.kill(first["pid"], signal.SIGKILL)  # a real kill of the actor's process, mid-run
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+
+    rows = _predictions(store, "base")
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in recs[2:])
+    records = ShardLedger(store, layout.predictions_dir("base")).records()
+    assert len(records) == 8
+    restarted = [r for r in records if r["actor_restarted"]]
+    assert restarted, "the killed actor was restarted and predicted shards"
+    assert {r["pid"] for r in restarted}.isdisjoint({first["pid"]})
+    assert outcome["result"]["models"]["base"]["rows"] == 16
