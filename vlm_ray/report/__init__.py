@@ -1,0 +1,1 @@
+"""The evaluation report: PNG plots (plots.py) and report.md (markdown.py)."""
