@@ -55,6 +55,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # The job's `python` is the head's: this environment's, as with an activated venv.
+        "PATH": f"{Path(RAY).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     # Every fixed default port is chosen here, so this head never meets another one on the machine.
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1"]
