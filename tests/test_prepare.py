@@ -253,6 +253,20 @@ def test_unlabeled_image_folder_for_bulk_captioning(
     ]
 
 
+SLOW = {"rows_per_shard": 4, "image_max_size": 1000, "max_image_pixels": 10_000_000}
+
+
+def write_photos(store: Store, n: int = 16) -> str:
+    """Large noisy photos: each 4-row shard takes long enough to be interrupted mid-way."""
+    lines = []
+    for i in range(n):
+        img = Image.effect_noise((1600, 1200), 40 + i).convert("RGB")
+        store.write_bytes(f"photos/{i}.jpg", encode(img, "JPEG", quality=90))
+        lines.append(json.dumps({"image": f"{i}.jpg", "text": f"photo {i}"}))
+    store.write_text("photos/data.jsonl", "\n".join(lines) + "\n")
+    return store.uri_of("photos/data.jsonl")
+
+
 def _running_prepare_workers() -> list:
     """Worker processes of *this* test session's Ray cluster that are running a prepare task now."""
     import psutil
@@ -276,14 +290,7 @@ def test_worker_killed_mid_shard_is_retried_and_output_equals_a_clean_run(
     import time
 
     store = LocalStore(tmp_path)
-    lines = []
-    for i in range(16):  # large photos: each task runs long enough to be caught mid-shard
-        img = Image.effect_noise((1600, 1200), 40 + i).convert("RGB")
-        store.write_bytes(f"photos/{i}.jpg", encode(img, "JPEG", quality=90))
-        lines.append(json.dumps({"image": f"{i}.jpg", "text": f"photo {i}"}))
-    store.write_text("photos/data.jsonl", "\n".join(lines) + "\n")
-    source = store.uri_of("photos/data.jsonl")
-    settings = {"rows_per_shard": 4, "image_max_size": 1000, "max_image_pixels": 10_000_000}
+    source = write_photos(store)
 
     killed: list[int] = []
 
@@ -298,11 +305,11 @@ def test_worker_killed_mid_shard_is_retried_and_output_equals_a_clean_run(
 
     killer = threading.Thread(target=kill_first_busy_worker, daemon=True)
     killer.start()
-    run_prepare(make_spec(store.uri_of("killed"), source, tiny_qwen2_vl, None, **settings))
+    run_prepare(make_spec(store.uri_of("killed"), source, tiny_qwen2_vl, None, **SLOW))
     killer.join(timeout=1)
     assert killed, "no prepare worker was caught running; the test proved nothing"
 
-    run_prepare(make_spec(store.uri_of("clean"), source, tiny_qwen2_vl, None, **settings))
+    run_prepare(make_spec(store.uri_of("clean"), source, tiny_qwen2_vl, None, **SLOW))
     got = {k.split("/", 1)[1]: v for k, v in snapshot(store, "killed/prepared").items()}
     want = {k.split("/", 1)[1]: v for k, v in snapshot(store, "clean/prepared").items()}
     assert got.keys() == want.keys()
@@ -311,3 +318,54 @@ def test_worker_killed_mid_shard_is_retried_and_output_equals_a_clean_run(
             assert got[key] == want[key], key
     manifest = json.loads(got["prepared/manifest.json"])
     assert (manifest["rows_in"], manifest["rows_ok"]) == (16, 16)
+
+
+def test_driver_killed_mid_run_then_rerun_equals_a_clean_run(
+    ray_cluster: None, tmp_path: Path, tiny_qwen2_vl: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    store = LocalStore(tmp_path)
+    source = write_photos(store)
+    spec = make_spec(store.uri_of("killed"), source, tiny_qwen2_vl, None, **SLOW)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    # The driver runs in its own process, on this session's cluster, and is SIGKILLed
+    # as soon as its first shard is committed (others still running or not started).
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from vlm_ray.config import JobSpec; from vlm_ray.stages.prepare import run_prepare;"
+            "spec = JobSpec.model_validate_json(open(sys.argv[1]).read());"
+            "spec.ray.address = sys.argv[2]; run_prepare(spec)",
+            str(spec_file),
+            ray.get_runtime_context().gcs_address,
+        ]
+    )
+    deadline = time.time() + 120
+    while driver.poll() is None and time.time() < deadline:
+        if any(store.list("killed/prepared/_done")):
+            driver.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    driver.wait(timeout=30)
+    committed = len(list(store.list("killed/prepared/_done")))
+    assert driver.returncode == -signal.SIGKILL and 0 < committed < 4, (
+        driver.returncode,
+        committed,
+    )
+    assert not store.exists("killed/prepared/manifest.json")
+
+    resumed = run_prepare(spec)
+    clean = run_prepare(make_spec(store.uri_of("clean"), source, tiny_qwen2_vl, None, **SLOW))
+    got = {k.split("/", 1)[1]: v for k, v in snapshot(store, "killed/prepared").items()}
+    want = {k.split("/", 1)[1]: v for k, v in snapshot(store, "clean/prepared").items()}
+    got.pop("prepared/manifest.json"), want.pop("prepared/manifest.json")
+    assert got == want
+    assert resumed["shards"] == clean["shards"] and resumed["rows_ok"] == 16
