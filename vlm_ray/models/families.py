@@ -34,11 +34,39 @@ class Family:
     fixed_image_size: int | None = None  # families that resize every image to one square size
     notes: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # what a person reads in docs/models.md: the family's name and checkpoints of it on the hub
+    title: str = ""
+    hub_ids: tuple[str, ...] = ()
+    # the vision tower's model_type where one model_type covers several architectures (llava)
+    vision_model_types: tuple[str, ...] = ()
+    image_token: str = ""  # the placeholder the chat template writes where the image goes
+    # generation: the tokens that end an answer (beside the tokenizer's eos)
+    stop_tokens: tuple[str, ...] = ()
+    system_prompt_with_images: bool = (
+        True  # Llama 3.2 Vision's template refuses a system turn with an image
+    )
+    trust_remote_code: bool = (
+        False  # needs model.trust_remote_code=true (code shipped with the weights)
+    )
+    tiny: bool = True  # vlm_ray.models.tiny builds a random-weight model of it
 
 
+_QWEN_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv", "attn.proj")
+_LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
+
+# Markers are whole dotted components of module names; attention / MLP names are the module's
+# tail. Multimodal projectors outside the vision tower (Llava, Mistral 3, Mllama) match neither,
+# as with Unsloth's finetune_* switches: they train only with full fine-tuning or target_modules.
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(
         name="qwen2_vl",
+        title="Qwen2-VL",
+        hub_ids=(
+            "Qwen/Qwen2-VL-2B-Instruct",
+            "Qwen/Qwen2-VL-7B-Instruct",
+            "unsloth/Qwen2-VL-7B-Instruct",
+        ),
         model_types=("qwen2_vl",),
         model_class="Qwen2VLForConditionalGeneration",
         processor_class="Qwen2VLProcessor",
@@ -46,10 +74,178 @@ FAMILIES: dict[str, Family] = {
         response_part="<|im_start|>assistant\n",
         vision_module_markers=("visual",),
         language_module_markers=("language_model", "lm_head"),
-        attention_modules=("q_proj", "k_proj", "v_proj", "o_proj", "qkv", "attn.proj"),
+        attention_modules=_QWEN_ATTENTION,
         mlp_modules=("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "mlp.0", "mlp.2"),
         patch_multiple=28,
         max_aspect_ratio=200.0,  # the Qwen2-VL image processor refuses ratios over 200
+        image_token="<|image_pad|>",
+        stop_tokens=("<|im_end|>",),
+        notes="Dynamic resolution: 14 px patches merged 2x2, so sides snap to 28 px; "
+        "the template adds a default system turn.",
+    ),
+    "qwen2_5_vl": Family(
+        name="qwen2_5_vl",
+        title="Qwen2.5-VL",
+        hub_ids=(
+            "Qwen/Qwen2.5-VL-3B-Instruct",
+            "Qwen/Qwen2.5-VL-7B-Instruct",
+            "unsloth/Qwen2.5-VL-7B-Instruct",
+        ),
+        model_types=("qwen2_5_vl",),
+        model_class="Qwen2_5_VLForConditionalGeneration",
+        processor_class="Qwen2_5_VLProcessor",
+        instruction_part="<|im_start|>user\n",
+        response_part="<|im_start|>assistant\n",
+        vision_module_markers=("visual",),
+        language_module_markers=("language_model", "lm_head"),
+        attention_modules=_QWEN_ATTENTION,
+        # the vision blocks' MLP is gated (gate/up/down) in 2.5; the merger is mlp.0 / mlp.2
+        mlp_modules=("gate_proj", "up_proj", "down_proj", "mlp.0", "mlp.2"),
+        patch_multiple=28,
+        max_aspect_ratio=200.0,
+        image_token="<|image_pad|>",
+        stop_tokens=("<|im_end|>",),
+        notes="Same template and image rules as Qwen2-VL; window attention in the vision tower.",
+    ),
+    "qwen3_vl": Family(
+        name="qwen3_vl",
+        title="Qwen3-VL",
+        hub_ids=(
+            "Qwen/Qwen3-VL-2B-Instruct",
+            "Qwen/Qwen3-VL-8B-Instruct",
+            "unsloth/Qwen3-VL-8B-Instruct",
+        ),
+        model_types=("qwen3_vl",),
+        model_class="Qwen3VLForConditionalGeneration",
+        processor_class="Qwen3VLProcessor",
+        instruction_part="<|im_start|>user\n",
+        response_part="<|im_start|>assistant\n",
+        vision_module_markers=("visual",),
+        language_module_markers=("language_model", "lm_head"),
+        attention_modules=_QWEN_ATTENTION,
+        # blocks, merger and the DeepStack mergers all use linear_fc1 / linear_fc2
+        mlp_modules=("gate_proj", "up_proj", "down_proj", "linear_fc1", "linear_fc2"),
+        patch_multiple=32,  # 16 px patches merged 2x2
+        max_aspect_ratio=200.0,
+        image_token="<|image_pad|>",
+        stop_tokens=("<|im_end|>",),
+        notes="16 px patches (sides snap to 32 px); no default system turn; "
+        "DeepStack feeds several vision layers into the LM.",
+    ),
+    "mllama": Family(
+        name="mllama",
+        title="Llama 3.2 Vision",
+        hub_ids=(
+            "meta-llama/Llama-3.2-11B-Vision-Instruct",
+            "unsloth/Llama-3.2-11B-Vision-Instruct",
+        ),
+        model_types=("mllama",),
+        model_class="MllamaForConditionalGeneration",
+        processor_class="MllamaProcessor",
+        instruction_part="<|start_header_id|>user<|end_header_id|>\n\n",
+        response_part="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        vision_module_markers=("vision_model",),
+        language_module_markers=("language_model", "lm_head"),
+        # self_attn and cross_attn (the image cross-attention layers) both name q/k/v/o_proj
+        attention_modules=_LLAMA_ATTENTION,
+        mlp_modules=(*_LLAMA_MLP, "fc1", "fc2"),
+        patch_multiple=14,
+        max_aspect_ratio=200.0,  # any ratio fits into up to 4 tiles of 560 px (padded)
+        fixed_image_size=560,
+        image_token="<|image|>",
+        stop_tokens=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+        system_prompt_with_images=False,
+        notes="Images enter through cross-attention layers, as 1-4 tiles of 560 px; one <|image|> "
+        "token per image. The template refuses a system turn next to an image and adds a dated "
+        "system header when there is no image.",
+    ),
+    "gemma3": Family(
+        name="gemma3",
+        title="Gemma 3",
+        hub_ids=("google/gemma-3-4b-it", "google/gemma-3-12b-it", "unsloth/gemma-3-4b-it"),
+        model_types=("gemma3",),
+        model_class="Gemma3ForConditionalGeneration",
+        processor_class="Gemma3Processor",
+        instruction_part="<start_of_turn>user\n",
+        response_part="<start_of_turn>model\n",
+        vision_module_markers=("vision_tower",),
+        language_module_markers=("language_model", "lm_head"),
+        attention_modules=(*_LLAMA_ATTENTION, "out_proj"),
+        mlp_modules=(*_LLAMA_MLP, "fc1", "fc2"),
+        patch_multiple=14,
+        # no hard limit, but every image is squashed to one square: long text lines lose detail
+        max_aspect_ratio=200.0,
+        fixed_image_size=896,
+        image_token="<start_of_image>",
+        stop_tokens=("<end_of_turn>", "<eos>"),
+        notes="SigLIP at a fixed 896x896 (tiny models: 56x56), 256 soft tokens per image; the "
+        "assistant role is 'model'; a system turn is folded into the first user turn.",
+    ),
+    "llava": Family(
+        name="llava",
+        title="Pixtral (Llava + Pixtral vision)",
+        hub_ids=("mistral-community/pixtral-12b", "unsloth/Pixtral-12B-2409"),
+        model_types=("llava",),
+        vision_model_types=("pixtral",),
+        model_class="LlavaForConditionalGeneration",
+        processor_class="PixtralProcessor",
+        instruction_part="[INST]",
+        response_part="[/INST]",
+        vision_module_markers=("vision_tower",),
+        language_module_markers=("language_model", "lm_head"),
+        attention_modules=_LLAMA_ATTENTION,
+        mlp_modules=_LLAMA_MLP,
+        patch_multiple=16,
+        max_aspect_ratio=200.0,
+        image_token="[IMG]",
+        stop_tokens=("</s>",),
+        notes="Native resolution up to 1024 px, 16 px patches, one [IMG] per patch and [IMG_BREAK] "
+        "per row; the template puts a system turn into the last user turn.",
+    ),
+    "mistral3": Family(
+        name="mistral3",
+        title="Mistral 3 / Ministral VL",
+        hub_ids=(
+            "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+            "unsloth/Mistral-Small-3.2-24B-Instruct-2506",
+        ),
+        model_types=("mistral3",),
+        model_class="Mistral3ForConditionalGeneration",
+        processor_class="PixtralProcessor",
+        instruction_part="[INST]",
+        response_part="[/INST]",
+        vision_module_markers=("vision_tower",),
+        language_module_markers=("language_model", "lm_head"),
+        attention_modules=_LLAMA_ATTENTION,
+        mlp_modules=_LLAMA_MLP,
+        patch_multiple=28,  # 14 px patches merged 2x2
+        max_aspect_ratio=200.0,
+        image_token="[IMG]",
+        stop_tokens=("</s>",),
+        notes="Pixtral vision with 14 px patches merged 2x2 (sides snap to 28 px); the template "
+        "always writes a [SYSTEM_PROMPT] block (a default one when the chat has none).",
+    ),
+    "deepseek_ocr": Family(
+        name="deepseek_ocr",
+        title="DeepSeek-OCR (remote code)",
+        hub_ids=("deepseek-ai/DeepSeek-OCR", "unsloth/DeepSeek-OCR"),
+        model_types=("deepseek_vl_v2",),
+        model_class="AutoModel",  # DeepseekOCRForCausalLM from the snapshot's own code
+        processor_class="AutoTokenizer",  # its image preprocessing lives in the model's code
+        instruction_part="<|User|>",
+        response_part="<|Assistant|>",
+        vision_module_markers=("sam_model", "vision_model"),
+        language_module_markers=("model.layers", "lm_head"),
+        attention_modules=_LLAMA_ATTENTION,
+        mlp_modules=_LLAMA_MLP,
+        patch_multiple=16,
+        max_aspect_ratio=200.0,
+        fixed_image_size=1024,
+        image_token="<image>",
+        trust_remote_code=True,
+        tiny=False,
+        notes="Code ships with the weights: load a local snapshot with model.trust_remote_code=true. "
+        "Not testable here (no snapshot of its code offline).",
     ),
 }
 
@@ -69,5 +265,24 @@ def model_type_of(model_dir: str | Path) -> str:
 
 
 def family_of(model_dir: str | Path) -> Family:
-    """The family of a local model folder, from its config.json."""
-    return family_by_name(model_type_of(model_dir))
+    """The family of a local model folder, from its config.json (and its vision tower where that matters)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    fam = family_by_name(cfg["model_type"])
+    vision = (cfg.get("vision_config") or {}).get("model_type")
+    if fam.vision_model_types and vision not in fam.vision_model_types:
+        raise ValueError(
+            f"{model_dir}/config.json: model_type {cfg['model_type']!r} with a {vision!r} vision tower is "
+            f"not supported; {fam.title} needs vision_config.model_type in {list(fam.vision_model_types)}"
+        )
+    return fam
+
+
+def chat_template_of(family: Family) -> str:
+    """The chat template the family ships (vlm_ray/models/chat_templates.py)."""
+    from vlm_ray.models.chat_templates import CHAT_TEMPLATES
+
+    if family.name not in CHAT_TEMPLATES:
+        raise ValueError(
+            f"family {family.name}: its chat template comes with the model's own files"
+        )
+    return CHAT_TEMPLATES[family.name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -178,4 +179,55 @@ def train_bpe_tokenizer(
     )
     corpus = build_corpus(seed=seed)
     tok.train_from_iterator(itertools.chain(corpus, corpus), trainer=trainer)
+    return tok
+
+
+def build_family_tokenizer(
+    special_tokens: list[str],
+    *,
+    eos: str,
+    pad: str,
+    bos: str | None = None,
+    unk: str | None = None,
+    add_bos: bool = False,
+    chat_template: str | None = None,
+    extra_special_tokens: dict[str, str] | None = None,
+    vocab_size: int = 1024,
+    padding_side: str = "left",
+) -> Any:
+    """A PreTrainedTokenizerFast trained here with a family's special tokens (ids 0.. in list order).
+
+    add_bos: prepend bos_token when add_special_tokens=True, as Llama/Gemma/Mistral tokenizers do
+    (their chat templates write the BOS themselves, so a template rendering must be tokenized with
+    add_special_tokens=False, as Unsloth's collator does).
+    extra_special_tokens: named tokens a processor reads off the tokenizer (Gemma 3's boi_token, ...).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    raw = train_bpe_tokenizer(special_tokens, vocab_size=vocab_size)
+    if add_bos and bos is not None:
+        bos_id = raw.token_to_id(bos)
+        raw.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+                ),
+            ]
+        )
+    named = {eos, pad} | ({bos} if bos else set()) | ({unk} if unk else set())
+    named |= set((extra_special_tokens or {}).values())
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        additional_special_tokens=[t for t in special_tokens if t not in named],
+        extra_special_tokens=extra_special_tokens or {},
+        model_max_length=131072,
+        padding_side=padding_side,
+    )
+    if chat_template is not None:
+        tok.chat_template = chat_template
     return tok
