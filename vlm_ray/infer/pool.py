@@ -129,6 +129,7 @@ def run_pool(
     if not tasks:
         return []
     size = min(default_pool_size(spec, gpus), len(tasks))
+    _check_fits(spec, gpus)
     restarts = spec.ray.max_retries
     actor_cls = InferActor.options(
         num_cpus=spec.ray.num_cpus_per_worker,
@@ -176,6 +177,18 @@ def run_pool(
         for actor in actors:
             ray.kill(actor, no_restart=True)
     return records
+
+
+def _check_fits(spec: JobSpec, gpus: int) -> None:
+    """Fail now, naming the field, when no node could ever host one actor (Ray would wait forever)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus, want_gpus = spec.ray.num_cpus_per_worker, spec.ray.num_gpus_per_worker if gpus else 0
+    if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= want_gpus for n in nodes):
+        biggest = max((n.get("CPU", 0) for n in nodes), default=0)
+        raise ValueError(
+            f"ray.num_cpus_per_worker={cpus} (with num_gpus={want_gpus}) fits on no node of this "
+            f"cluster (largest node: {biggest} CPUs); lower it or add bigger nodes"
+        )
 
 
 class _Progress:

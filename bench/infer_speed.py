@@ -1,0 +1,322 @@
+"""Inference speed: the notebook way vs plain HF batched generate vs our actor pool, same GPU and model.
+
+Run on the GPU machine (each mode in its own process; results appended to --out as JSON lines):
+
+    PYTHONUNBUFFERED=1 python bench/infer_speed.py --shape 2b --out $OUT/infer_2b.jsonl
+    PYTHONUNBUFFERED=1 python bench/infer_speed.py --shape tiny --out $OUT/infer_tiny.jsonl
+    PYTHONUNBUFFERED=1 python bench/infer_speed.py --shape 2b --modes c --gpus 2   # (d), 2 GPUs
+
+The model is a random-weight Qwen2-VL at the real shape (vlm_ray.models.tiny SHAPES), built on
+the GPU in bf16 under /tmp with its embeddings padded to the real vocabulary, as
+bench/train_speed.py does. Its generation_config forces min_new_tokens = max_new_tokens = 32,
+so every setup generates exactly 32 tokens per image. Images: 448x448 PNGs (256 image tokens).
+
+  a  one image at a time: processor + model.generate, batch 1 (the notebook way)
+  b  plain HF batched generate (left padding) at each of --batch-sizes; per batch the time in the
+     processor, in prefill (max_new_tokens=1) and the rest (decode) is measured apart
+  c  our stage: vlm_ray.stages.infer.run_infer on a local Ray cluster, pool of --gpus actors
+     (num_gpus=1 each), reading prepared parquet shards, writing predictions; engine auto
+     (Unsloth when importable) unless --engine hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_VOCAB = {"2b": 151936, "7b": 152064}
+PROMPT = "Read the number in this image."
+NEW_TOKENS = 32
+
+
+def build_model(shape: str, out: Path) -> Path:
+    """Random-weight Qwen2-VL at a real shape, built on the GPU in bf16; 32 new tokens forced."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_ray.models.tiny import build_tiny_model
+
+    if (out / "bench_ready").exists():
+        return out
+    t = time.time()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        build_tiny_model(out, family="qwen2_vl", size=shape)
+    torch.set_default_dtype(torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(
+        out, dtype=torch.bfloat16, device_map="cuda"
+    )
+    if shape in REAL_VOCAB:
+        model.resize_token_embeddings(REAL_VOCAB[shape], mean_resizing=False)
+    # Every setup does the same work: exactly NEW_TOKENS per image, EOS or not.
+    model.generation_config.min_new_tokens = NEW_TOKENS
+    model.generation_config.max_new_tokens = NEW_TOKENS
+    model.save_pretrained(out)
+    (out / "bench_ready").write_text(json.dumps({"shape": shape, "build_s": time.time() - t}))
+    print(f"built {shape} at {out} in {time.time() - t:.0f}s", flush=True)
+    return out
+
+
+def images(n: int, size: int) -> list:
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i in range(n):
+        img = Image.new("RGB", (size, size), "white")
+        ImageDraw.Draw(img).text((size // 4, size // 3), str(1000 + 37 * i), fill="black")
+        out.append(img)
+    return out
+
+
+def user_turn() -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": PROMPT}, {"type": "image"}]}]
+
+
+def load_hf(model_dir: Path):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map="cuda"
+    ).eval()
+    return model, processor
+
+
+def hf_generate(model, processor, imgs: list, **kw) -> dict:
+    """One batch: processor, then generate; the seconds of each, the GPU synchronised."""
+    import torch
+
+    t0 = time.perf_counter()
+    text = processor.apply_chat_template(user_turn(), add_generation_prompt=True)
+    batch = processor(
+        text=[text] * len(imgs), images=[[im] for im in imgs], padding=True, return_tensors="pt"
+    ).to("cuda")
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**batch, do_sample=False, **kw)
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    new = out.shape[1] - batch["input_ids"].shape[1]
+    return {"prep_s": t1 - t0, "gen_s": t2 - t1, "new_tokens": new}
+
+
+def mode_a(model_dir: Path, n: int, size: int) -> dict:
+    model, processor = load_hf(model_dir)
+    imgs = images(n, size)
+    hf_generate(model, processor, imgs[:2])  # warm-up
+    t = time.perf_counter()
+    for im in imgs:
+        r = hf_generate(model, processor, [im])
+        assert r["new_tokens"] == NEW_TOKENS, r
+    wall = time.perf_counter() - t
+    return {"mode": "a", "images": n, "images_per_s": round(n / wall, 2)}
+
+
+def mode_b(model_dir: Path, n: int, size: int, batch_sizes: list[int]) -> dict:
+    model, processor = load_hf(model_dir)
+    imgs = images(n, size)
+    hf_generate(model, processor, imgs[:8])  # warm-up
+    res: dict = {"mode": "b", "images": n, "by_batch": {}}
+    for bs in batch_sizes:
+        prep = gen = prefill = 0.0
+        t = time.perf_counter()
+        for i in range(0, n, bs):
+            r = hf_generate(model, processor, imgs[i : i + bs])
+            assert r["new_tokens"] == NEW_TOKENS, r
+            prep += r["prep_s"]
+            gen += r["gen_s"]
+        wall = time.perf_counter() - t
+        # prefill alone (vision tower + prompt), on one batch, to split generate's time
+        p = hf_generate(model, processor, imgs[:bs], max_new_tokens=1, min_new_tokens=1)
+        prefill = p["gen_s"] * ((n + bs - 1) // bs)
+        res["by_batch"][bs] = {
+            "images_per_s": round(n / wall, 2),
+            "processor_s": round(prep, 2),
+            "prefill_s": round(prefill, 2),
+            "decode_s": round(gen - prefill, 2),
+            "peak_gib": round(torch_peak_gib(), 1),
+        }
+        print(f"b bs={bs}: {res['by_batch'][bs]}", flush=True)
+    best = max(res["by_batch"], key=lambda b: res["by_batch"][b]["images_per_s"])
+    res.update(best_batch=best, images_per_s=res["by_batch"][best]["images_per_s"])
+    return res
+
+
+def torch_peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def write_inputs(run: Path, n: int, size: int, rows_per_shard: int) -> None:
+    """n images as prepared held-out shards (docs/architecture.md schema)."""
+    from vlm_ray.data.chat import to_messages
+    from vlm_ray.data.shards import write_shard
+    from vlm_ray.storage import LocalStore
+
+    store = LocalStore(run)
+    rows = []
+    for i, im in enumerate(images(n, size)):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        rows.append(
+            {
+                "id": f"img-{i:06d}",
+                "source_id": str(i),
+                "image": buf.getvalue(),
+                "width": size,
+                "height": size,
+                "prompt": PROMPT,
+                "system_prompt": None,
+                "text": None,
+                "messages": json.dumps(to_messages(PROMPT, None, None)),
+            }
+        )
+    for s, start in enumerate(range(0, n, rows_per_shard)):
+        write_shard(
+            store, f"prepared/heldout/shard-{s:05d}.parquet", rows[start : start + rows_per_shard]
+        )
+
+
+def mode_c(
+    model_dir: Path,
+    n: int,
+    size: int,
+    batch: int,
+    gpus: int,
+    engine: str,
+    rows_per_shard: int,
+    cpus: int,
+) -> dict:
+    import logging
+
+    import ray
+
+    from vlm_ray.config import parse_spec
+    from vlm_ray.ledger import ShardLedger
+    from vlm_ray.stages.infer import run_infer
+    from vlm_ray.storage import LocalStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run = Path(f"/tmp/infer_bench_run_{model_dir.name}_{n}")
+    if not run.exists():
+        write_inputs(run, n, size, rows_per_shard)
+    shutil.rmtree(run / "predictions", ignore_errors=True)
+    ray.init(num_gpus=gpus, include_dashboard=False)
+    spec = parse_spec(
+        {
+            "run": {"uri": str(run)},
+            "model": {"name": str(model_dir), "max_seq_length": 4096},
+            "data": {"source": "unused"},
+            "train": {"engine": engine},
+            "generation": {"max_new_tokens": NEW_TOKENS, "batch_size": batch},
+            "ray": {"pool_size": gpus, "num_cpus_per_worker": cpus},
+        }
+    )
+    t = time.perf_counter()
+    result = run_infer(spec, models=["base"])["models"]["base"]
+    wall = time.perf_counter() - t
+    records = sorted(
+        ShardLedger(LocalStore(run), "predictions/base").records(), key=lambda r: r["committed_at"]
+    )
+    # steady state: after each actor's first shard (model load, Unsloth's compile, warm-up)
+    firsts = {}
+    for r in records:
+        firsts.setdefault(r["pid"], r)
+    later = [r for r in records if firsts[r["pid"]] is not r]
+    span = records[-1]["committed_at"] - min(f["committed_at"] for f in firsts.values())
+    rows = [
+        json.loads(x)
+        for k in (run / "predictions/base").glob("*.jsonl")
+        for x in k.read_text().splitlines()
+    ]
+    assert len(rows) == n and all(r["tokens"] == NEW_TOKENS for r in rows), "every image, 32 tokens"
+    return {
+        "mode": "c",
+        "engine": engine,
+        "gpus": gpus,
+        "batch": batch,
+        "images": n,
+        "end_to_end_images_per_s": round(n / wall, 2),
+        "images_per_s": round(sum(r["rows"] for r in later) / span, 2) if later and span else None,
+        "wall_s": round(wall, 1),
+        "shards": len(records),
+        "errors": result["errors"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shape", default="2b", choices=["tiny", "small", "2b", "7b"])
+    p.add_argument("--modes", default="a,b,c")
+    p.add_argument("--size", type=int, default=448)
+    p.add_argument("--images-a", type=int, default=16)
+    p.add_argument("--images-b", type=int, default=256)
+    p.add_argument("--images-c", type=int, default=1024)
+    p.add_argument("--batch-sizes", default="8,32,64,128")
+    p.add_argument("--batch", type=int, default=128, help="generation.batch_size in mode c")
+    p.add_argument("--rows-per-shard", type=int, default=256)
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--cpus-per-actor", type=int, default=4)
+    p.add_argument("--engine", default="auto", choices=["auto", "hf", "unsloth"])
+    p.add_argument("--out", default="infer_speed.jsonl")
+    p.add_argument("--run-mode", help=argparse.SUPPRESS)  # internal: one mode in this process
+    a = p.parse_args()
+    model_dir = Path(f"/tmp/infer_bench_{a.shape}")
+    if a.run_mode is None:
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run-mode", "build"], check=True)
+        for mode in a.modes.split(","):
+            code = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--run-mode", mode]
+            ).returncode
+            if code:
+                print(f"mode {mode} failed with exit code {code}", flush=True)
+        return
+    if a.run_mode == "build":
+        build_model(a.shape, model_dir)
+        return
+    import torch
+
+    if a.run_mode == "a":
+        res = mode_a(model_dir, a.images_a, a.size)
+    elif a.run_mode == "b":
+        res = mode_b(model_dir, a.images_b, a.size, [int(b) for b in a.batch_sizes.split(",")])
+    elif a.run_mode == "c":
+        res = mode_c(
+            model_dir,
+            a.images_c,
+            a.size,
+            a.batch,
+            a.gpus,
+            a.engine,
+            a.rows_per_shard,
+            a.cpus_per_actor,
+        )
+    else:
+        raise SystemExit(f"unknown mode {a.run_mode}")
+    res.update(shape=a.shape, size=a.size, new_tokens=NEW_TOKENS, gpu=torch.cuda.get_device_name(0))
+    print("RESULT " + json.dumps(res), flush=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
