@@ -1,0 +1,112 @@
+"""Every family's tiny random-weight model loads through the production path (Auto classes, offline),
+renders its family's chat template, and runs a forward pass with a finite loss on a real image."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from vlm_ray.models.families import FAMILIES, family_of
+from vlm_ray.models.tiny import BUILDERS, build_tiny_model
+from vlm_ray.train.collator import masked_token_ids
+
+TINY_FAMILIES = sorted(name for name, fam in FAMILIES.items() if fam.tiny)
+
+
+@pytest.fixture(scope="session", params=TINY_FAMILIES)
+def tiny_family_model(request: pytest.FixtureRequest, models_dir: Path) -> Path:
+    """One tiny model per family, built once per session (build_tiny_model reuses a built folder)."""
+    return build_tiny_model(models_dir / request.param, family=request.param, size="tiny")
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_family_model: Path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_family_model)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_family_model, dtype=torch.float32)
+    return model.eval(), processor, family_of(tiny_family_model)
+
+
+def _number_image(text: str, size: tuple[int, int] = (84, 56)) -> Image.Image:
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((8, size[1] // 2 - 6), text, fill="black")
+    return img
+
+
+CHAT = [
+    {"role": "user", "content": [{"type": "text", "text": "Read the number."}, {"type": "image"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "417"}]},
+]
+
+
+def test_every_family_in_the_table_that_claims_a_tiny_model_has_a_builder():
+    assert sorted(BUILDERS) == TINY_FAMILIES
+    assert len(TINY_FAMILIES) == 7
+
+
+def test_tiny_model_loads_offline_through_the_auto_classes(tiny_family_model: Path, loaded):
+    model, processor, family = loaded
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert type(model).__name__ == family.model_class
+    assert type(processor).__name__ == family.processor_class
+    assert family.name in BUILDERS and (tiny_family_model / "config.json").exists()
+
+
+def test_chat_template_renders_both_turns_between_the_response_markers(loaded):
+    _, processor, family = loaded
+    text = processor.apply_chat_template(CHAT, tokenize=False)
+    # the instruction marker opens the user's turn, the response marker the assistant's answer
+    user_at = text.index(family.instruction_part)
+    answer_at = text.index(family.response_part, user_at + 1)
+    assert user_at < text.index("Read the number.") < answer_at < text.index("417")
+    assert family.image_token in text[user_at:answer_at]
+    prompt = processor.apply_chat_template(CHAT[:1], add_generation_prompt=True, tokenize=False)
+    # the generation prompt ends with the response marker: the model writes the answer next
+    assert prompt.endswith(family.response_part)
+
+
+def test_processor_and_forward_pass_give_a_finite_loss_in_well_under_a_second(loaded):
+    model, processor, _ = loaded
+    text = processor.apply_chat_template(CHAT, tokenize=False)
+    batch = processor(
+        text=[text],
+        images=[[_number_image("417")]],
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
+    labels = batch["input_ids"].clone()
+    labels[torch.isin(labels, masked_token_ids(processor))] = -100
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+    elapsed = time.perf_counter() - start
+    assert math.isfinite(out.loss.item()) and out.loss.item() > 0
+    assert elapsed < 1.0, f"forward took {elapsed:.2f}s on CPU"
+
+
+def test_generation_stops_on_the_family_stop_tokens(loaded):
+    model, processor, family = loaded
+    tok = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    for stop in family.stop_tokens:
+        assert tok.convert_tokens_to_ids(stop) in eos, f"{stop} must end generation"
+    prompt = processor.apply_chat_template(CHAT[:1], add_generation_prompt=True, tokenize=False)
+    batch = processor(
+        text=[prompt], images=[[_number_image("9")]], return_tensors="pt", add_special_tokens=False
+    )
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert 1 <= out.shape[1] - batch["input_ids"].shape[1] <= 3
+
+
+def test_tiny_build_takes_seconds(tmp_path: Path):
+    start = time.perf_counter()
+    build_tiny_model(tmp_path / "m", family="mllama", size="tiny")
+    assert time.perf_counter() - start < 15
