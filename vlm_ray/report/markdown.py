@@ -113,7 +113,7 @@ def render_report(
                 elif m.get("error"):
                     cells.append(f"ERROR: {_cell(m['error'])} ({m['cer']:.2f})")
                 else:
-                    cells.append(f"{_cell(m['prediction'])} ({m['cer']:.2f})")
+                    cells.append(f"{_cell(m['prediction']) or '∅ (empty)'} ({m['cer']:.2f})")
             lines.append(
                 f"| {_cell(ex['id'], 24)} | {_cell(ex['reference'])} | " + " | ".join(cells) + " |"
             )
