@@ -112,3 +112,38 @@ def test_killing_an_actor_mid_run_still_predicts_every_row_exactly_once(
     assert restarted, "the killed actor was restarted and predicted shards"
     assert {r["pid"] for r in restarted}.isdisjoint({first["pid"]})
     assert outcome["result"]["models"]["base"]["rows"] == 16
+
+
+def test_any_image_folder_is_captioned_and_an_unreadable_file_is_accounted_for(
+    ray_cluster, tiny_qwen2_vl, tmp_path
+):
+    from PIL import Image
+
+    from vlm_ray.stages.infer import run_infer
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, size in enumerate([(320, 320), (400, 300), (300, 400)]):
+        Image.new("RGB", size, (40 * i, 90, 200)).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    store = LocalStore(tmp_path / "run")
+    spec = _spec_for(
+        store,
+        tiny_qwen2_vl,
+        tmp_path,
+        infer={"source": str(folder), "prompt": "Caption this image.", "rows_per_shard": 2},
+        data={"image_min_size": 56, "image_max_size": 112},
+    )
+    result = run_infer(spec, models=["base"])
+    rows = _predictions(store, "base")
+    assert sorted(r["source_id"].rsplit("/", 1)[-1] for r in rows) == [
+        "img0.png",
+        "img1.png",
+        "img2.png",
+    ]
+    assert all(r["prompt"] == "Caption this image." and r["reference"] is None for r in rows)
+    manifest = result["models"]["base"]
+    assert manifest["input"].endswith("infer_input/all") and manifest["rows"] == 3
+    assert manifest["input_quarantined"] == 1, (
+        "the unreadable file is counted, with its reason kept"
+    )

@@ -79,6 +79,17 @@ def _refuse_mixed(store: Store, ledger: ShardLedger, fingerprint: str, ref: Mode
             )
 
 
+def _input_quarantine(store: Store, prefix: str) -> dict[str, Any]:
+    """For infer.source inputs: how many images prepare rejected, and where their reasons are."""
+    if not prefix.startswith(INFER_INPUT) or not store.exists(f"{INFER_INPUT}/manifest.json"):
+        return {}
+    prepared = store.read_json(f"{INFER_INPUT}/manifest.json")
+    return {
+        "input_quarantined": prepared.get("rows_quarantined", 0),
+        "input_quarantine": store.uri_of(f"{INFER_INPUT}/quarantine"),
+    }
+
+
 def predict_with(
     spec: JobSpec, store: Store, ref: ModelRef, prefix: str, input_keys: list[str]
 ) -> dict[str, Any]:
@@ -114,6 +125,7 @@ def predict_with(
         "tag": ref.tag,
         "model": ref.to_dict(),
         "input": store.uri_of(prefix),
+        **_input_quarantine(store, prefix),
         "fingerprint": fingerprint,
         "generation": spec.generation.model_dump(),
         "rows": sum(r["rows"] for r in shards),
