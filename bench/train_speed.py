@@ -455,7 +455,15 @@ def run_child(mode: str, argv: list[str]) -> dict:
 def summarise(results: dict, shape: str, gpu: str, peak: float) -> str:
     """A markdown table: samples/s, peak memory, MFU, ratio to the HF baseline."""
     base = results.get("hf", {}).get("samples_per_s")
-    flops = next((r["flops_per_sample"] for r in results.values() if "flops_per_sample" in r), None)
+    # The model's FLOPs, from a 16-bit mode: a 4-bit model's packed weights count half their params.
+    flops = next(
+        (
+            r["flops_per_sample"]
+            for m, r in results.items()
+            if m in ("hf", "unsloth") and "flops_per_sample" in r
+        ),
+        None,
+    )
     lines = [
         f"{shape} on {gpu}:",
         "",

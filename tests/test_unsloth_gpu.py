@@ -118,9 +118,9 @@ def test_cpu_collator_and_unsloth_collator_build_the_same_batch(
 
     import torch
     from transformers import AutoProcessor
-    from vlm_ray.train.collator import VisionSFTCollator
 
     from vlm_ray.models.families import family_of
+    from vlm_ray.train.collator import VisionSFTCollator
     from vlm_ray.train.unsloth_engine import build_unsloth_collator, load_unsloth_model
 
     _, spec = _spec(tiny_qwen2_vl, "unused", train_on_responses_only=responses_only)
@@ -152,9 +152,9 @@ def test_unsloth_train_stage_saves_an_adapter_that_loads_with_unsloth_and_with_p
     tiny_qwen2_vl: Path, ray_cluster: None, tmp_path: Path
 ) -> None:
     import torch
-    from vlm_ray.stages.train import run_train
 
     from vlm_ray import layout
+    from vlm_ray.stages.train import run_train
     from vlm_ray.storage import LocalStore
 
     store = LocalStore(tmp_path / "run")

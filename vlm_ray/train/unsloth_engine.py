@@ -130,21 +130,21 @@ def sft_config(spec: JobSpec, output_dir: Path, bf16_supported: bool) -> Any:
 def prepared_train_dataset(store: Store, workdir: Path) -> Any:
     """The prepared train split as a datasets.Dataset that yields Unsloth collator examples.
 
-    The shards are memory-mapped Arrow (not held in memory); each row becomes
+    A datasets.Dataset, not the CPU engine's torch Dataset: Unsloth's patched TRL SFTTrainer
+    accepts only Dataset/IterableDataset or a list. The shards are memory-mapped Arrow (not
+    held in memory), in the same shard and row order as the CPU engine; each row becomes
     {"messages": [...], "images": [png/jpeg bytes]} only when the data loader
     reads it, and the collator decodes the image there.
     """
     from datasets import Dataset
 
-    keys = sorted(k for k in store.list(f"{layout.PREPARED}/train") if k.endswith(".parquet"))
-    if not keys:
-        raise FileNotFoundError(
-            f"no prepared train shards under {store.uri_of(layout.PREPARED + '/train')}: run the prepare stage first"
-        )
+    from vlm_ray.train.dataset import list_prepared_shards
+
     local = workdir / "prepared-train"
     files = []
-    for key in keys:
-        dest = local / Path(key).name
+    for key, _rows, sha256 in list_prepared_shards(store, "train"):
+        # named by content hash where the manifest has one, so a re-prepared run is never stale
+        dest = local / (f"{sha256}.parquet" if sha256 else Path(key).name)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(store.read_bytes(key))
