@@ -169,6 +169,7 @@ def train_unsloth(
     """Fine-tune with Unsloth on the prepared train split; save the adapter (and merged model) to the store."""
     import torch
     import unsloth  # noqa: F401  (first in this process, before transformers/trl/peft)
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
     from unsloth import is_bf16_supported
 
@@ -197,6 +198,8 @@ def train_unsloth(
         args=sft_config(spec, workdir / "trainer", is_bf16_supported()),
         callbacks=list(callbacks),
     )
+    # MetricsLog (from the stage) prints the progress line; the Trainer's dict printer would repeat it.
+    trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume_from)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
 
