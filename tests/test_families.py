@@ -157,3 +157,92 @@ def test_turning_vision_off_leaves_every_vision_weight_frozen(base_model):
         if p.requires_grad and re.search(rf"\.({vision_re})\.", n)
     ]
     assert vision_trainable == []
+
+
+# Our own two-file model, standing in for DeepSeek-OCR's code (which is not available offline):
+# it proves the gate and the remote-code loading path, not DeepSeek-OCR itself.
+_REMOTE_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class TinyRemoteConfig(PretrainedConfig):
+    model_type = "tiny_remote_ocr"
+
+    def __init__(self, hidden_size=8, **kwargs):
+        self.hidden_size = hidden_size
+        super().__init__(**kwargs)
+"""
+_REMOTE_MODEL = """
+import torch
+from transformers import PreTrainedModel
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteModel(PreTrainedModel):
+    config_class = TinyRemoteConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.post_init()
+
+    def forward(self, x):
+        return self.proj(x)
+"""
+
+
+@pytest.fixture(scope="module")
+def remote_code_snapshot(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    """A local snapshot whose config.json auto_map points at Python files inside it."""
+    from transformers import AutoProcessor
+
+    snap = tmp_path_factory.mktemp("remote_snapshot")
+    (snap / "configuration_tiny_remote.py").write_text(_REMOTE_CONFIG)
+    (snap / "modeling_tiny_remote.py").write_text(_REMOTE_MODEL)
+    (snap / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "tiny_remote_ocr",
+                "hidden_size": 8,
+                "auto_map": {
+                    "AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+                    "AutoModel": "modeling_tiny_remote.TinyRemoteModel",
+                },
+            }
+        )
+    )
+    from transformers import AutoConfig, AutoModel
+
+    # random weights, written by the snapshot's own class (save_pretrained keeps auto_map)
+    config = AutoConfig.from_pretrained(snap, trust_remote_code=True)
+    AutoModel.from_config(config, trust_remote_code=True).save_pretrained(snap)
+    qwen = build_tiny_model(models_dir / "qwen2_vl", family="qwen2_vl", size="tiny")
+    AutoProcessor.from_pretrained(qwen).tokenizer.save_pretrained(snap)
+    return snap
+
+
+def test_remote_code_snapshot_is_refused_without_model_trust_remote_code(
+    remote_code_snapshot: Path,
+):
+    from vlm_ray.models.remote_code import load_remote_code_model, uses_remote_code
+
+    assert uses_remote_code(remote_code_snapshot)
+    with pytest.raises(ValueError, match=r"auto_map.*set model.trust_remote_code=true"):
+        load_remote_code_model(remote_code_snapshot, trust_remote_code=False)
+
+
+def test_remote_code_snapshot_loads_its_own_classes_with_the_flag(remote_code_snapshot: Path):
+    from vlm_ray.models.remote_code import load_remote_code_model
+
+    model, tokenizer = load_remote_code_model(remote_code_snapshot, trust_remote_code=True)
+    assert type(model).__name__ == "TinyRemoteModel"  # the class from the snapshot's own file
+    assert model(torch.zeros(1, 8)).shape == (1, 8)
+    assert tokenizer("Read").input_ids
+
+
+def test_trust_remote_code_refuses_a_hub_id():
+    from vlm_ray.models.remote_code import check_remote_code
+
+    with pytest.raises(ValueError, match="must be a local or s3:// folder"):
+        check_remote_code("deepseek-ai/DeepSeek-OCR", None, trust_remote_code=True)
