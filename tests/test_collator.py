@@ -61,11 +61,11 @@ def test_responses_only_labels_are_the_answer_and_its_end_of_turn(processor, tin
     for row, answer in enumerate(ANSWERS):
         labels = batch["labels"][row]
         learnt = labels[labels != IGNORE_INDEX].tolist()
-        # the answer, the end-of-turn token and the newline the template puts after it
-        assert tok.decode(learnt) == f"{answer}<|im_end|>\n"
+        # the answer and its end-of-turn (EOS) token, as Unsloth learns them; not the newline after it
+        assert tok.decode(learnt) == f"{answer}<|im_end|>"
         # and they are learnt where they stand in the input, as one contiguous span at the end
         kept = (labels != IGNORE_INDEX).nonzero().flatten()
-        assert kept.tolist() == list(range(kept[0].item(), labels.shape[0]))
+        assert kept.tolist() == list(range(kept[0].item(), kept[-1].item() + 1))
         assert torch.equal(batch["input_ids"][row][kept], labels[kept])
 
 
@@ -103,3 +103,14 @@ def test_every_assistant_turn_of_a_conversation_is_learnt_and_no_user_turn():
     ids = [9, *user, 5, *assistant, 6, 7, *user, 5, *assistant, 8, 8, 7]
     assert response_spans(ids, user, assistant) == [(6, 8), (13, 16)]
     assert response_spans([9, *user, 5], user, assistant) == []
+
+
+def test_answer_ends_at_eos_inclusive_and_never_crosses_a_turn_opener():
+    user, assistant, eos, opener = [1, 2], [1, 3], 7, [1]
+    #      sys   user  q  asst  a  eos nl  user q   asst  a2 nl (no eos: next opener ends it)
+    ids = [9, *user, 5, *assistant, 6, eos, 4, *user, 5, *assistant, 8, 4, *assistant, 6]
+    assert response_spans(ids, user, assistant, eos_id=eos, message_start=opener) == [
+        (6, 8),
+        (14, 16),
+        (18, 19),
+    ]

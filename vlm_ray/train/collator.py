@@ -102,25 +102,65 @@ def _find(seq: list[int], part: list[int], start: int) -> int:
 
 
 def response_spans(
-    input_ids: list[int], instruction: list[int], response: list[int]
+    input_ids: list[int],
+    instruction: list[int],
+    response: list[int],
+    eos_id: int | None = None,
+    bos_id: int | None = None,
+    message_start: list[int] | None = None,
 ) -> list[tuple[int, int]]:
-    """[start, end) of every assistant answer: after a response marker, up to the next instruction marker."""
+    """[start, end) of every assistant answer, scanned as unsloth_zoo's train_on_responses_only does.
+
+    After a response marker the answer runs up to and including the EOS token;
+    it stops before a BOS, before the opener every turn shares (e.g.
+    <|im_start|>) and before another response marker; otherwise it runs to the
+    next instruction marker or the end of the row. (unsloth_zoo 2026.10.7,
+    dataset_utils.py, `_train_on_responses_only`.)
+    """
     n = len(input_ids)
-    spans = []
-    j = _find(input_ids, response, 0)
-    while j != -1:
-        start = j + len(response)
-        if start >= n:
-            break
-        nxt = _find(input_ids, instruction, start)
-        # Unsloth treats an instruction marker found on the very last token as "no marker"
-        end = n if nxt in (-1, n - 1) else nxt
-        spans.append((start, end))
-        if end >= n:
-            break
-        # Unsloth resumes its scan one token past the end of the instruction marker
-        j = _find(input_ids, response, end + len(instruction) + 1)
+    ms = message_start or []
+    spans: list[tuple[int, int]] = []
+    j = 0
+    while j < n:
+        if input_ids[j : j + len(response)] == response:
+            k = j + len(response)
+            j = k
+            while j < n:
+                tok = input_ids[j]
+                if eos_id is not None and tok == eos_id:
+                    spans.append((k, j + 1))
+                    break
+                if (
+                    (bos_id is not None and tok == bos_id)
+                    or (ms and input_ids[j : j + len(ms)] == ms)
+                    or input_ids[j : j + len(response)] == response
+                ):
+                    spans.append((k, j))
+                    j -= 1  # revisit the boundary so a following assistant turn is not skipped
+                    break
+                if j == n - 1 or input_ids[j : j + len(instruction)] == instruction:
+                    if j == n - 1:
+                        user_j = n
+                    else:
+                        user_j = j
+                        j = j + len(instruction) - 1
+                    spans.append((k, user_j))
+                    break
+                j += 1
+        j += 1
     return spans
+
+
+def shared_message_opener(
+    instruction: list[int], response: list[int], special_ids: set[int]
+) -> list[int]:
+    """The special-token prefix both markers share (Qwen's <|im_start|>): a turn boundary Unsloth honours."""
+    opener: list[int] = []
+    for q, a in zip(instruction, response, strict=False):
+        if q != a:
+            break
+        opener.append(q)
+    return opener if opener and all(i in special_ids for i in opener) else []
 
 
 class VisionSFTCollator:
@@ -145,6 +185,15 @@ class VisionSFTCollator:
         tok = getattr(processor, "tokenizer", processor)
         self.instruction_ids = tok(family.instruction_part, add_special_tokens=False).input_ids
         self.response_ids = tok(family.response_part, add_special_tokens=False).input_ids
+        self.eos_id = tok.eos_token_id
+        self.bos_id = tok.bos_token_id
+        special = set(getattr(tok, "all_special_ids", []) or [])
+        special |= {
+            i
+            for i, t in (getattr(tok, "added_tokens_decoder", None) or {}).items()
+            if getattr(t, "special", False)
+        }
+        self.message_start = shared_message_opener(self.instruction_ids, self.response_ids, special)
         if train_on_responses_only and not (self.instruction_ids and self.response_ids):
             raise ValueError(
                 f"family {family.name}: instruction_part {family.instruction_part!r} or response_part "
@@ -203,7 +252,14 @@ class VisionSFTCollator:
         if self.train_on_responses_only:
             keep = torch.zeros_like(labels, dtype=torch.bool)
             for row, ids in enumerate(batch["input_ids"].tolist()):
-                for start, end in response_spans(ids, self.instruction_ids, self.response_ids):
+                for start, end in response_spans(
+                    ids,
+                    self.instruction_ids,
+                    self.response_ids,
+                    self.eos_id,
+                    self.bos_id,
+                    self.message_start,
+                ):
                     keep[row, start:end] = True
             labels[~keep] = IGNORE_INDEX
         batch["labels"] = labels
