@@ -199,3 +199,19 @@ def test_chat_rows_are_validated_and_their_embedded_image_lifted_out() -> None:
     assert reasons["unknown part"].startswith("messages[1].content[0]: unknown part type 'audio'")
     assert reasons["bad role"].startswith("messages[0]: a turn needs role")
     assert validate_messages([msgs[0]], require_text=False).text is None
+
+
+def test_hub_datasets_stream_through_load_dataset(tmp_path: Path) -> None:
+    # No hub here: a local folder stands in for the repo; the code path is the real
+    # `datasets.load_dataset(..., streaming=True)` call a hub id takes.
+    store = LocalStore(tmp_path)
+    src = locate_source(store.uri_of(write_parquet(store)).removeprefix("file://"), "hub")
+    assert src.fmt == "hub"
+    shards = list(iter_input_shards(src, rows_per_shard=4))
+    assert [s.rows for s in shards] == [4, 3]
+    got = []
+    for shard in shards:
+        for raw in read_input_shard(src, shard):
+            data, _ = image_bytes(raw.record["image"], src, raw.base_dir, "image")
+            got.append((data, raw.record["text"]))
+    assert got == expected()
