@@ -214,7 +214,7 @@ def test_run_interrupted_between_write_and_commit_resumes_to_the_clean_result(
     assert manifest_got == manifest_want
 
 
-def test_changed_data_settings_refuse_to_mix_with_earlier_shards(
+def test_changed_settings_or_source_refuse_to_mix_with_earlier_shards(
     ray_cluster: None, tmp_path: Path, tiny_qwen2_vl: Path
 ) -> None:
     store = LocalStore(tmp_path)
@@ -223,6 +223,12 @@ def test_changed_data_settings_refuse_to_mix_with_earlier_shards(
     run_prepare(make_spec(store.uri_of("run"), source, tiny_qwen2_vl, None, max_rows=8))
     with pytest.raises(ValueError, match=r"prepared with different data settings.*new run.uri"):
         run_prepare(make_spec(store.uri_of("run"), source, tiny_qwen2_vl, None, rows_per_shard=5))
+    # same settings, but a row of the source edited since: resuming would mix old and new rows
+    lines = store.read_text("zoo/data.jsonl").splitlines()
+    lines[2] = json.dumps({"image": "img/ok5.png", "text": "edited"})
+    store.write_text("zoo/data.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"input shard 0 \(rows 0\.\.\) of .* the source changed"):
+        run_prepare(make_spec(store.uri_of("run"), source, tiny_qwen2_vl, None, max_rows=8))
 
 
 def test_unlabeled_image_folder_for_bulk_captioning(

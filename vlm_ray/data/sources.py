@@ -11,6 +11,7 @@ through the driver. Local paths and s3:// work the same way.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import posixpath
 import re
@@ -71,6 +72,11 @@ class InputShard:
     @property
     def rows(self) -> int:
         return len(self.records) + sum(b - a for _, a, b in self.ranges)
+
+    def digest(self) -> str:
+        """A hash of what this shard reads: a resumed run checks its committed shards still match the source."""
+        body = json.dumps([self.start, self.records, self.ranges], sort_keys=True, default=str)
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -117,6 +117,7 @@ def prepare_shard(job: PrepareJob, shard: InputShard) -> dict:
         "outputs": outputs,
         "quarantine": quarantine_key,
         "fingerprint": job.fingerprint,
+        "input_digest": shard.digest(),
     }
     if not ledger.commit(sid, record):  # another attempt committed the same bytes first
         return store.read_json(f"{job.out_prefix}/_done/{sid}.json")
@@ -174,15 +175,16 @@ def prepare_dataset(
         fingerprint,
     )
     ledger = ShardLedger(store, out_prefix)
-    done = ledger.done_ids()
-    _refuse_mixed_outputs(store, out_prefix, done, fingerprint)
+    # One small record per committed shard (never rows): checked against the source as it is now.
+    committed = {r["shard_id"]: r for r in ledger.records()}
+    _refuse_mixed_outputs(store, out_prefix, committed, fingerprint)
     log.info(
         "prepare: start %s (%s) -> %s; %d rows per shard, %d shards already done",
         src.given,
         src.fmt,
         store.uri_of(out_prefix),
         rows_per_shard,
-        len(done),
+        len(committed),
     )
 
     max_in_flight = spec.ray.max_in_flight or 2 * cluster_cpus()
@@ -194,7 +196,14 @@ def prepare_dataset(
     pending: dict[Any, int] = {}
     skipped = 0
     for shard in iter_input_shards(src, rows_per_shard, d.max_rows):
-        if shard_id(shard.index) in done:
+        done = committed.get(shard_id(shard.index))
+        if done is not None:
+            if done.get("input_digest") != shard.digest():
+                raise ValueError(
+                    f"input shard {shard.index} (rows {shard.start}..) of {src.given} is not what was "
+                    f"prepared into {store.uri_of(out_prefix)}: the source changed since. Resume only "
+                    "with an unchanged source; otherwise use a new run.uri or delete the old output"
+                )
             skipped += 1
             continue
         while (
@@ -317,11 +326,10 @@ def _fingerprint(
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _refuse_mixed_outputs(store: Any, out_prefix: str, done: set[str], fingerprint: str) -> None:
-    if not done:
-        return
-    first = store.read_json(f"{out_prefix}/_done/{min(done)}.json")
-    if first.get("fingerprint") != fingerprint:
+def _refuse_mixed_outputs(
+    store: Any, out_prefix: str, committed: dict[str, dict], fingerprint: str
+) -> None:
+    if any(r.get("fingerprint") != fingerprint for r in committed.values()):
         raise ValueError(
             f"{store.uri_of(out_prefix)} was prepared with different data settings (source, columns, "
             "image sizes, split or shard size changed); use a new run.uri, or delete "
