@@ -53,8 +53,11 @@ def test_large_photo_is_downscaled_into_bounds_on_the_patch_grid() -> None:
 
 
 def test_tiny_scan_is_upscaled_to_the_minimum_cleanly() -> None:
-    digit = Image.fromarray((np.eye(8) * 255).astype(np.uint8), "L")  # an 8x8 scan, like sklearn digits
-    out, w, h = process_image(encode(digit), ImageRules(min_size=56, max_size=56, patch_multiple=28))
+    # an 8x8 scan, like sklearn digits
+    digit = Image.fromarray((np.eye(8) * 255).astype(np.uint8), "L")
+    out, w, h = process_image(
+        encode(digit), ImageRules(min_size=56, max_size=56, patch_multiple=28)
+    )
     img = decoded(out)
     assert (w, h) == (56, 56) and img.mode == "RGB"
     # the diagonal stroke survives the upscale: bright on the diagonal, dark off it
