@@ -9,7 +9,9 @@ a token through RAY_AUTH_MODE=token / RAY_AUTH_TOKEN, as a CI pipeline would.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -46,8 +48,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Ray head of our own (own temp dir and ports); yields its dashboard (job API) address."""
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A Ray head of our own (own temp dir, ports and token); yields (job API address, client env)."""
     temp_dir = tmp_path_factory.mktemp("ray")
     dashboard = _free_port()
     env = {
@@ -58,6 +60,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         # The job's `python` is the head's: this environment's, as with an activated venv.
         "PATH": f"{Path(RAY).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    env.pop("RAY_ADDRESS", None)  # this head, not a cluster another test connected to
     # Every fixed default port is chosen here, so this head never meets another one on the machine.
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1"]
     cmd += [f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
@@ -71,29 +74,15 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     address = f"http://127.0.0.1:{dashboard}"
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update({k: env[k] for k in saved})
     try:
-        from ray.job_submission import JobSubmissionClient
-
         deadline = time.time() + 120
-        while True:
+        while _ray(env, "job", "list", "--address", address).returncode != 0:
             if proc.poll() is not None:
                 pytest.fail(f"ray start exited: {(temp_dir / 'ray-start.log').read_text()[-2000:]}")
-            try:
-                JobSubmissionClient(address).list_jobs()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
-        yield address
+            assert time.time() < deadline, "the Ray head's job API did not come up in 120 s"
+            time.sleep(1)
+        yield address, env
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=60)
@@ -102,24 +91,37 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-def _submit_and_wait(address: str, args: list[str], timeout_s: float = 400) -> tuple[str, str]:
-    """Submit `python -m jobs.pipeline <args>` with the checkout as working dir; (status, logs)."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=" ".join(["python -m jobs.pipeline", *args]),
-        runtime_env={
-            "working_dir": str(ROOT),
-            "excludes": EXCLUDES,
-            "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        },
+def _ray(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The `ray` command line, in its own process (as CI runs it), with the head's token."""
+    return subprocess.run(
+        [RAY, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
-    deadline = time.time() + timeout_s
-    while not (status := client.get_job_status(job_id)).is_terminal():
-        assert time.time() < deadline, f"job {job_id} still {status} after {timeout_s} s"
-        time.sleep(2)
-    return str(status), client.get_job_logs(job_id)
+
+
+def _submit_and_wait(head: tuple[str, dict[str, str]], args: list[str]) -> tuple[str, str]:
+    """`ray job submit --working-dir <checkout> -- python -m jobs.pipeline <args>`; (status, logs)."""
+    address, env = head
+    job_id = f"vlm-ray-test-{secrets.token_hex(4)}"
+    runtime_env = {
+        "excludes": EXCLUDES,
+        "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    }
+    submit = _ray(
+        env,
+        *("job", "submit", "--address", address, "--submission-id", job_id),
+        *("--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env)),
+        *("--", "python", "-m", "jobs.pipeline", *args),
+        timeout=400,
+    )
+    assert job_id in submit.stdout + submit.stderr, submit.stderr[-3000:]
+    status = _ray(env, "job", "status", "--address", address, job_id)
+    found = re.search(rf"Job '{job_id}' (succeeded|failed|stopped)", status.stdout + status.stderr)
+    assert found, status.stdout + status.stderr
+    outcome = found.group(1).upper()
+    logs = _ray(env, "job", "logs", "--address", address, job_id).stdout
+    # The CLI's exit code follows the job's outcome: what a CI step relies on.
+    assert (submit.returncode == 0) == (outcome == "SUCCEEDED"), submit.stderr[-2000:]
+    return outcome, logs
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def demo_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: Path) -
 
 
 def test_demo_job_submitted_to_a_ray_head_succeeds_and_resumes(
-    ray_head: str, demo_inputs: list[str], tmp_path: Path
+    ray_head: tuple[str, dict[str, str]], demo_inputs: list[str], tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
     args = ["--config", "examples/demo.yaml", f"run.uri={run}", *demo_inputs]
@@ -163,9 +165,9 @@ def test_demo_job_submitted_to_a_ray_head_succeeds_and_resumes(
 
 
 def test_a_bad_job_spec_fails_the_job_with_a_message_naming_the_field(
-    ray_head: str, tmp_path: Path
+    ray_head: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
     args = ["--config", "examples/demo.yaml", f"run.uri={tmp_path}/run", "lora.r=0"]
-    status, logs = _submit_and_wait(ray_head, args, timeout_s=120)
+    status, logs = _submit_and_wait(ray_head, args)
     assert status == "FAILED"
     assert "lora.r" in logs and "greater than or equal to 1" in logs
