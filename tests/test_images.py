@@ -158,3 +158,26 @@ def test_decompression_bomb_is_rejected_from_the_header_at_the_spec_limit() -> N
     # far over the limit Pillow raises instead of warning; still the spec's limit in the message
     assert "3000000 px > limit 1000000" in rejection(encode(Image.new("L", (3000, 1000))), rules)
     assert Image.MAX_IMAGE_PIXELS == 1_000_000  # set from the spec, never disabled
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_randomly_corrupted_files_are_either_processed_or_rejected_never_crash() -> None:
+    import random
+
+    rng = random.Random(0)
+    originals = [encode(photo(120, 90), fmt) for fmt in ("PNG", "JPEG", "GIF", "WEBP", "TIFF")]
+    outcomes = {"ok": 0, "rejected": 0}
+    for _ in range(300):
+        data = bytearray(rng.choice(originals))
+        for _ in range(rng.randint(1, 20)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(len(data))]
+        try:
+            out, w, h = process_image(bytes(data), RULES)
+            assert decoded(out).size == (w, h)
+            outcomes["ok"] += 1
+        except ImageRejected as err:
+            assert err.reason  # any other exception type fails the test
+            outcomes["rejected"] += 1
+    assert outcomes["ok"] > 0 and outcomes["rejected"] > 0

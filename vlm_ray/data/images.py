@@ -51,7 +51,10 @@ def process_image(data: bytes, rules: ImageRules | None = None) -> tuple[bytes, 
     rules = rules or ImageRules()
     img, fmt = open_verified(data, rules.max_image_pixels)
     w, h = img.size
-    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception as err:
+        raise ImageRejected(f"corrupt EXIF in {fmt}: {type(err).__name__}: {err}") from None
     if orientation in (5, 6, 7, 8):  # EXIF says "rotate by 90 degrees": the stored sides swap
         w, h = h, w
     if min(w, h) < rules.min_side:
@@ -107,6 +110,10 @@ def open_verified(data: bytes, max_image_pixels: int) -> tuple[Image.Image, str]
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageRejected(_defect(fmt, err)) from None
+    except (
+        Exception
+    ) as err:  # malformed files reach odd corners of the decoders (struct.error, ...)
+        raise ImageRejected(f"unreadable {fmt}: {type(err).__name__}: {err}") from None
     return img, fmt
 
 
@@ -118,6 +125,10 @@ def load_first_frame(img: Image.Image, fmt: str) -> Image.Image:
         return ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageRejected(_defect(fmt, err)) from None
+    except (
+        Exception
+    ) as err:  # a malformed EXIF block or frame must reject the row, not kill the shard
+        raise ImageRejected(f"unreadable {fmt}: {type(err).__name__}: {err}") from None
 
 
 def _defect(fmt: str, err: Exception) -> str:
