@@ -58,6 +58,24 @@ def write_parquet(store: Store) -> str:
     return "ds"
 
 
+def write_parquet_plain_columns(store: Store) -> str:
+    """Image as raw bytes in one file, as a path relative to the parquet file in the other."""
+    pairs = expected()
+    for i, (data, _) in enumerate(pairs[4:], start=4):
+        store.write_bytes(f"ds/images/{i}.png", data)
+    parts = {
+        "a.parquet": [{"image": d, "text": t} for d, t in pairs[:4]],
+        "b.parquet": [
+            {"image": f"images/{i}.png", "text": t} for i, (_, t) in enumerate(pairs) if i >= 4
+        ],
+    }
+    for name, part in parts.items():
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(part), buf)
+        store.write_bytes(f"ds/{name}", buf.getvalue())
+    return "ds"
+
+
 def write_imagefolder_sidecars(store: Store) -> str:
     for i, (data, text) in enumerate(expected()):
         store.write_bytes(f"ds/img_{i}.png", data)
@@ -94,6 +112,7 @@ def write_hf_dataset(store: Store, tmp_path: Path) -> str:
 WRITERS = {
     "jsonl": write_jsonl,
     "parquet": write_parquet,
+    "parquet-bytes-and-paths": write_parquet_plain_columns,
     "imagefolder-sidecars": write_imagefolder_sidecars,
     "imagefolder-metadata.csv": write_imagefolder_metadata_csv,
     "hf-save_to_disk": write_hf_dataset,
@@ -101,6 +120,7 @@ WRITERS = {
 FORMATS = {
     "jsonl": "jsonl",
     "parquet": "parquet",
+    "parquet-bytes-and-paths": "parquet",
     "imagefolder-sidecars": "imagefolder",
     "imagefolder-metadata.csv": "imagefolder",
     "hf-save_to_disk": "hf",
@@ -215,3 +235,11 @@ def test_hub_datasets_stream_through_load_dataset(tmp_path: Path) -> None:
             data, _ = image_bytes(raw.record["image"], src, raw.base_dir, "image")
             got.append((data, raw.record["text"]))
     assert got == expected()
+
+
+def test_a_data_file_beside_its_images_folder_is_the_data(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    write_jsonl(store)  # ds/data.jsonl + ds/images/*.png
+    assert detect_format(str(tmp_path / "ds")) == "jsonl"
+    src = locate_source(str(tmp_path / "ds"), "auto")
+    assert src.files == ("data.jsonl",)

@@ -155,12 +155,13 @@ def detect_format(source: str, endpoint_url: str | None = None) -> str:
             seen["image"] += 1
         if i >= 2000:  # enough to tell; never list a million-file folder here
             break
-    if seen["parquet"] and not seen["image"]:
+    # Data files win over images: a JSONL or parquet file beside its images folder is the data.
+    if seen["parquet"]:
         return "parquet"
-    if seen["image"]:
-        return "imagefolder"
     if seen["jsonl"]:
         return "jsonl"
+    if seen["image"]:
+        return "imagefolder"
     raise ValueError(
         f"data.source {source}: cannot tell the format (no dataset_info.json, parquet, JSONL or images "
         "found); set data.format to hf, parquet, jsonl or imagefolder"
