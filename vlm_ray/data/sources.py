@@ -117,7 +117,8 @@ def locate_source(
                 kind = "jsonl" if meta.endswith(".jsonl") else "csv"
                 return Source(source, kind, folder.uri, (meta,), split, endpoint_url)
         return Source(source, "imagefolder", folder.uri, (), split, endpoint_url)
-    suffix = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}[fmt]
+    # a named file may be .json; in a folder only .jsonl counts (not every config file)
+    suffix = {"jsonl": (".jsonl",), "parquet": (".parquet",)}[fmt]
     if key:  # a single file
         return Source(source, fmt, root, (key,), split, endpoint_url)
     files = tuple(k for k in store.list("") if k.lower().endswith(suffix))
