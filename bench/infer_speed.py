@@ -157,6 +157,27 @@ def mode_b(model_dir: Path, n: int, size: int, batch_sizes: list[int]) -> dict:
     return res
 
 
+def mode_p(model_dir: Path, size: int, bs: int) -> dict:
+    """Profile one batch of generate (where the decode time goes), then try a static KV cache."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, processor = load_hf(model_dir)
+    imgs = images(bs, size)
+    hf_generate(model, processor, imgs[:8])
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        r = hf_generate(model, processor, imgs)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+    res: dict = {"mode": "p", "batch": bs, "dynamic_gen_s": round(r["gen_s"], 2)}
+    try:
+        hf_generate(model, processor, imgs, cache_implementation="static")  # compile
+        r = hf_generate(model, processor, imgs, cache_implementation="static")
+        res["static_gen_s"] = round(r["gen_s"], 2)
+    except Exception as err:
+        res["static_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return res
+
+
 def torch_peak_gib() -> float:
     import torch
 
@@ -298,6 +319,8 @@ def main() -> None:
         res = mode_a(model_dir, a.images_a, a.size)
     elif a.run_mode == "b":
         res = mode_b(model_dir, a.images_b, a.size, [int(b) for b in a.batch_sizes.split(",")])
+    elif a.run_mode == "p":
+        res = mode_p(model_dir, a.size, a.batch)
     elif a.run_mode == "c":
         res = mode_c(
             model_dir,
