@@ -137,6 +137,9 @@ def test_bad_rows_are_quarantined_with_reasons_and_good_rows_prepared(
     assert manifest["spec"]["data"]["source"] == spec.data.source
     assert manifest["model_family"] == "qwen2_vl"
 
+    assert sum(manifest["quarantine_reasons"].values()) == len(bad)
+    assert manifest["quarantine_reasons"]["decompression bomb"] == 1
+
     quarantined = read_quarantine(run, "prepared/quarantine")
     by_id = {q["source_id"]: q["reason"] for q in quarantined}
     assert len(quarantined) == len(by_id) == len(bad)

@@ -116,12 +116,22 @@ def prepare_shard(job: PrepareJob, shard: InputShard) -> dict:
         "rows_quarantined": len(rejected),
         "outputs": outputs,
         "quarantine": quarantine_key,
+        "reasons": reason_counts(rejected),
         "fingerprint": job.fingerprint,
         "input_digest": shard.digest(),
     }
     if not ledger.commit(sid, record):  # another attempt committed the same bytes first
         return store.read_json(f"{job.out_prefix}/_done/{sid}.json")
     return record
+
+
+def reason_counts(rejected: list[dict]) -> dict[str, int]:
+    """Rejections by kind (the reason up to its first colon: "truncated PNG", "missing file", ...)."""
+    counts: dict[str, int] = {}
+    for r in rejected:
+        kind = r["reason"].split(":", 1)[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 _prepare_shard_task = ray.remote(prepare_shard)
@@ -227,6 +237,19 @@ def prepare_dataset(
         skipped,
         store.uri_of(f"{out_prefix}/manifest.json"),
     )
+    if manifest["rows_quarantined"]:
+        top = ", ".join(f"{k} x{n}" for k, n in list(manifest["quarantine_reasons"].items())[:5])
+        log.warning(
+            "prepare: %d rows quarantined (%s); one line per row with its reason under %s",
+            manifest["rows_quarantined"],
+            top,
+            store.uri_of(f"{out_prefix}/quarantine/"),
+        )
+    if not manifest["rows_ok"]:
+        log.warning(
+            "prepare: no usable rows in %s; check data.image_column / data.text_column and the quarantine",
+            src.given,
+        )
     return manifest
 
 
@@ -285,6 +308,10 @@ def build_manifest(
     rows_in = sum(r["rows_in"] for r in records)
     rows_ok = sum(r["rows_ok"] for r in records)
     rows_q = sum(r["rows_quarantined"] for r in records)
+    reasons: dict[str, int] = {}
+    for r in records:
+        for kind, n in r.get("reasons", {}).items():
+            reasons[kind] = reasons.get(kind, 0) + n
     assert rows_in == rows_ok + rows_q, "every input row is either prepared or quarantined"
     return {
         "rows_in": rows_in,
@@ -295,6 +322,7 @@ def build_manifest(
         "shards": shards,
         "input_shards": len(records),
         "quarantine": [r["quarantine"] for r in records if r["quarantine"]],
+        "quarantine_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "source": {"uri": src.given, "format": src.fmt, "split": src.split},
         "out_prefix": out_prefix,
         "image_rules": asdict(limits.image_rules),
