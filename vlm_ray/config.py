@@ -165,7 +165,9 @@ class DataSpec(_Section):
         "png", description="How images are stored in the prepared shards."
     )
     rows_per_shard: int = Field(
-        2000, ge=1, description="Rows per prepared shard (bounded shard size)."
+        500,
+        ge=1,
+        description="Rows per prepared shard: one Ray task each, held in its memory (500 rows of 1000 px PNGs is about 0.5 GB).",
     )
     dedup: bool = Field(
         False,
