@@ -86,6 +86,11 @@ def user_turn() -> list[dict]:
 
 def load_hf(model_dir: Path):
     import torch
+
+    if os.environ.get("BENCH_CUDNN_SDP") == "off":
+        from vlm_ray.infer.loading import prefer_fast_attention_kernels
+
+        prefer_fast_attention_kernels()  # what our stage does
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -334,7 +339,13 @@ def main() -> None:
         )
     else:
         raise SystemExit(f"unknown mode {a.run_mode}")
-    res.update(shape=a.shape, size=a.size, new_tokens=NEW_TOKENS, gpu=torch.cuda.get_device_name(0))
+    res.update(
+        cudnn_sdp=os.environ.get("BENCH_CUDNN_SDP", "on"),
+        shape=a.shape,
+        size=a.size,
+        new_tokens=NEW_TOKENS,
+        gpu=torch.cuda.get_device_name(0),
+    )
     print("RESULT " + json.dumps(res), flush=True)
     with open(a.out, "a") as f:
         f.write(json.dumps(res) + "\n")
