@@ -1,0 +1,33 @@
+"""On the GPU machine: the infer stage loads through Unsloth (FastVisionModel.for_inference) in a
+num_gpus=1 Ray actor and predicts every held-out row once (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_infer_loading import infer_spec
+
+from vlm_ray import layout
+from vlm_ray.storage import LocalStore
+
+
+@pytest.mark.gpu
+def test_unsloth_inference_path_predicts_every_row_once_on_a_gpu_actor(
+    ray_cluster, write_prepared, tiny_qwen2_vl, tmp_path
+):
+    pytest.importorskip("unsloth")
+    from vlm_ray.stages.infer import run_infer
+
+    store = LocalStore(tmp_path / "run")
+    recs = write_prepared(store, rows=2, heldout=6, rows_per_shard=3)
+    spec = infer_spec(store.uri, tiny_qwen2_vl, train={"engine": "unsloth"})
+    manifest = run_infer(spec, models=["base"])["models"]["base"]
+    rows = [
+        json.loads(line)
+        for key in store.list(layout.predictions_dir("base"))
+        if key.endswith(".jsonl") and "/_done/" not in key
+        for line in store.read_text(key).splitlines()
+    ]
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in recs[2:])
+    assert manifest["errors"] == 0 and all(r["tokens"] > 0 for r in rows)
