@@ -93,24 +93,6 @@ QWEN_SPECIALS = [
     "<|video_pad|>",
 ]
 
-# The chat template Qwen2-VL ships (tokenizer_config.json of Qwen/Qwen2-VL-*-Instruct).
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def _qwen_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     raw = train_bpe_tokenizer(QWEN_SPECIALS, vocab_size=vocab_size)
     tok = PreTrainedTokenizerFast(
@@ -122,7 +104,7 @@ def _qwen_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         model_max_length=32768,
         padding_side="left",
     )
-    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tok.chat_template = CHAT_TEMPLATES["qwen2_vl"]
     return tok
 
 
@@ -186,7 +168,7 @@ def _build_qwen2_vl(out: Path, shape: Shape, vocab_size: int, seed: int) -> dict
         image_processor=image_processor,
         tokenizer=tok,
         video_processor=Qwen2VLVideoProcessor(),
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATES["qwen2_vl"],
     )
     dtype = torch.bfloat16 if shape.hidden >= 1024 else torch.float32
     model.to(dtype).save_pretrained(out)
