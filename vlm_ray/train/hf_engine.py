@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from vlm_ray import layout
 from vlm_ray.config import JobSpec, LoraSpec
 from vlm_ray.models.families import Family, family_of
 from vlm_ray.models.resolve import resolve_model_path
@@ -26,6 +25,7 @@ from vlm_ray.storage import Store
 from vlm_ray.train.collator import VisionSFTCollator
 from vlm_ray.train.dataset import PreparedShardsDataset
 from vlm_ray.train.peft_targets import lora_target_modules
+from vlm_ray.train.saving import save_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -229,28 +229,11 @@ def save_hf_model(
     spec: JobSpec, store: Store, workdir: Path, model: Any, processor: Any
 ) -> dict[str, str]:
     """Adapter (save_pretrained + processor) and/or merged model, uploaded under <run>/model/."""
-    out: dict[str, str] = {}
-    if spec.model.full_finetuning:
-        # Full fine-tuning has no adapter: the trained weights are the model.
-        merged_dir = workdir / "merged"
-        model.save_pretrained(merged_dir)
-        processor.save_pretrained(merged_dir)
-        store.upload_dir(merged_dir, layout.MERGED)
-        out.update(kind="full", merged_uri=store.uri_of(layout.MERGED))
-        return out
-    if spec.save.adapter:
-        adapter_dir = workdir / "adapter"
-        model.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
-        store.upload_dir(adapter_dir, layout.ADAPTER)
-        out.update(kind="adapter", adapter_uri=store.uri_of(layout.ADAPTER))
-    if spec.save.merged_16bit:
-        merged_dir = workdir / "merged"
-        # merge_and_unload folds the adapter into the base weights in place; the adapter is saved already.
-        merged = model.merge_and_unload()
-        merged.to(torch.bfloat16).save_pretrained(merged_dir)
-        processor.save_pretrained(merged_dir)
-        store.upload_dir(merged_dir, layout.MERGED)
-        out["merged_uri"] = store.uri_of(layout.MERGED)
-        out.setdefault("kind", "full")
-    return out
+    return save_trained_model(spec, store, workdir, model, processor, _save_merged_hf)
+
+
+def _save_merged_hf(model: Any, processor: Any, merged_dir: Path) -> None:
+    # merge_and_unload folds the adapter into the base weights in place; the adapter is saved already.
+    merged = model.merge_and_unload()
+    merged.to(torch.bfloat16).save_pretrained(merged_dir)
+    processor.save_pretrained(merged_dir)

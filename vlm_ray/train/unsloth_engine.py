@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlm_ray import layout
 from vlm_ray.config import JobSpec
 from vlm_ray.models.families import Family, family_of
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import Store
+from vlm_ray.train.saving import save_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -232,25 +232,8 @@ def save_unsloth_model(
     spec: JobSpec, store: Store, workdir: Path, model: Any, processor: Any
 ) -> dict[str, str]:
     """Adapter (save_pretrained + processor) and/or merged 16-bit model, uploaded under <run>/model/."""
-    out: dict[str, str] = {}
-    if spec.model.full_finetuning:
-        # Full fine-tuning has no adapter: the trained weights are the model.
-        merged_dir = workdir / "merged"
-        model.save_pretrained(merged_dir)
-        processor.save_pretrained(merged_dir)
-        store.upload_dir(merged_dir, layout.MERGED)
-        out.update(kind="full", merged_uri=store.uri_of(layout.MERGED))
-        return out
-    if spec.save.adapter:
-        adapter_dir = workdir / "adapter"
-        model.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
-        store.upload_dir(adapter_dir, layout.ADAPTER)
-        out.update(kind="adapter", adapter_uri=store.uri_of(layout.ADAPTER))
-    if spec.save.merged_16bit:
-        merged_dir = workdir / "merged"
-        model.save_pretrained_merged(str(merged_dir), processor, save_method="merged_16bit")
-        store.upload_dir(merged_dir, layout.MERGED)
-        out["merged_uri"] = store.uri_of(layout.MERGED)
-        out.setdefault("kind", "full")
-    return out
+    return save_trained_model(spec, store, workdir, model, processor, _save_merged_unsloth)
+
+
+def _save_merged_unsloth(model: Any, processor: Any, merged_dir: Path) -> None:
+    model.save_pretrained_merged(str(merged_dir), processor, save_method="merged_16bit")
