@@ -20,6 +20,7 @@ import torch
 
 from vlm_ray.config import JobSpec, LoraSpec
 from vlm_ray.models.families import Family, family_of
+from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import Store
 from vlm_ray.train.collator import VisionSFTCollator
@@ -82,6 +83,8 @@ def load_hf_model(spec: JobSpec, model_path: str, family: Family) -> tuple[Any, 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     m = spec.model
+    # before from_pretrained: it would run Python files shipped in the folder
+    check_remote_code(m.name, model_path, m.trust_remote_code)
     dtype, _, _, why = choose_precision(spec)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
     if m.attn_implementation:

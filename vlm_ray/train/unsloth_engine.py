@@ -24,6 +24,7 @@ from typing import Any
 
 from vlm_ray.config import JobSpec
 from vlm_ray.models.families import Family, family_of
+from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import Store
 from vlm_ray.train.saving import save_trained_model
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
     """FastVisionModel.from_pretrained (+ get_peft_model unless full fine-tuning) + for_training."""
+    # before from_pretrained: it would run Python files shipped in the folder
+    check_remote_code(spec.model.name, model_path, spec.model.trust_remote_code)
     import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
     from unsloth import FastVisionModel
 
