@@ -75,8 +75,14 @@ def _decode_image(data: bytes) -> Any:
 def prepare_inputs(processor: Any, images: list[Any], messages: list[list[dict]]) -> Any:
     """Processor output for one batch: chat template with the generation prompt, left padded."""
     texts = [processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
+    # The chat templates of Llama 3.2 Vision, Gemma 3 and Mistral 3 write BOS themselves; a second
+    # one from the tokenizer is a prompt the model never saw in training (train/collator.py).
     return processor(
-        text=texts, images=[[img] for img in images], padding=True, return_tensors="pt"
+        text=texts,
+        images=[[img] for img in images],
+        padding=True,
+        return_tensors="pt",
+        add_special_tokens=False,
     )
 
 
