@@ -246,3 +246,19 @@ def test_trust_remote_code_refuses_a_hub_id():
 
     with pytest.raises(ValueError, match="must be a local or s3:// folder"):
         check_remote_code("deepseek-ai/DeepSeek-OCR", None, trust_remote_code=True)
+
+
+def test_llama_vision_with_a_system_prompt_is_refused_before_prepare_reads_a_row(
+    models_dir: Path,
+):
+    from vlm_ray.config import SpecError, parse_spec
+    from vlm_ray.data.model_limits import model_limits
+
+    mllama = build_tiny_model(models_dir / "mllama", family="mllama", size="tiny")
+
+    def spec(**data):
+        return parse_spec({"model": {"name": str(mllama)}, "data": {"source": "unused", **data}})
+
+    assert model_limits(spec()).family == "mllama"
+    with pytest.raises(SpecError, match=r"data\.system_prompt.*Llama 3\.2 Vision"):
+        model_limits(spec(system_prompt="You read digits."))

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vlm_ray.config import JobSpec
+from vlm_ray.config import JobSpec, SpecError
 from vlm_ray.data.images import ImageRules
 from vlm_ray.models.families import family_by_name
 from vlm_ray.storage import is_s3, open_store
@@ -49,6 +49,13 @@ def model_limits(spec: JobSpec) -> ModelLimits:
             "prepare: cannot read %s/config.json; patch multiple falls back to %d",
             spec.model.name,
             DEFAULT_PATCH_MULTIPLE,
+        )
+    if family is not None and not family.system_prompt_with_images and spec.data.system_prompt:
+        # The chat template raises on it; refuse here, before any row is read, not when training starts.
+        raise SpecError(
+            f"data.system_prompt is set, but {family.title}'s chat template ({spec.model.name}) "
+            "refuses a system turn next to an image; remove data.system_prompt "
+            "(put its text into data.prompt instead)"
         )
     d = spec.data
     rules = ImageRules(
