@@ -6,9 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from vlm_ray.infer.generation import prepare_inputs
+from vlm_ray.config import GenerationSpec
+from vlm_ray.infer.generation import generate_batch, generation_kwargs, prepare_inputs
+from vlm_ray.models.families import family_of
 from vlm_ray.models.tiny import build_tiny_model
 
 # Families whose chat template writes the BOS token itself.
@@ -44,3 +47,40 @@ def test_each_prompt_starts_with_exactly_one_bos_when_the_template_writes_it(bos
         prompt = ids[mask.bool()].tolist()  # the row without its left padding
         assert prompt[0] == bos, "the prompt opens with BOS"
         assert prompt.count(bos) == 1, f"one BOS, got {prompt.count(bos)}: {prompt[:6]}"
+
+
+class _TokenCounter:
+    """A transformers streamer that counts the tokens generate produced (the prompt comes first)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def new_tokens(self) -> int:
+        return self.calls - 1
+
+
+def test_generation_stops_on_the_family_stop_token_the_saved_generation_config_lost(models_dir):
+    from transformers import AutoModelForImageTextToText
+
+    path = build_tiny_model(models_dir / "gemma3", family="gemma3", size="tiny")
+    assert "<end_of_turn>" in family_of(path).stop_tokens
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    processor = _left_padded_processor(path)
+    end_of_turn = processor.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    # As a model saved after training may come back: only the tokenizer's <eos> ends generation.
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    batch = prepare_inputs(processor, [Image.new("RGB", (56, 56), "white")], [_chat("Read.")])
+    counter = _TokenCounter()
+    kwargs = generation_kwargs(GenerationSpec(max_new_tokens=6, do_sample=False))
+    # Bias the random model towards <end_of_turn>, so it is the first token it writes.
+    kwargs.update(sequence_bias={(end_of_turn,): 50.0}, streamer=counter)
+    (out,) = generate_batch(model, processor, batch, kwargs)
+    assert counter.new_tokens == 1, "generate stopped right after <end_of_turn>"
+    assert (out.ids, out.tokens, out.text) == ([end_of_turn], 1, "")

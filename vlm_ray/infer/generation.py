@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from vlm_ray.config import GenerationSpec
 from vlm_ray.data.chat import to_messages
+from vlm_ray.models.families import family_by_name
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +87,35 @@ def prepare_inputs(processor: Any, images: list[Any], messages: list[list[dict]]
     )
 
 
-def _stop_ids(model: Any, processor: Any) -> set[int]:
+def stop_token_ids(model: Any, processor: Any) -> list[int]:
+    """Every token that ends an answer: the generation_config's eos ids, the tokenizer's eos, the family's stop tokens."""
     eos = model.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if processor.tokenizer.eos_token_id is not None:
-        ids.add(processor.tokenizer.eos_token_id)
-    return ids
+    tok = processor.tokenizer
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    # The family's own list too: a generation_config saved after training may have been reset
+    # to the tokenizer's eos alone (Gemma 3 then talks on past <end_of_turn>).
+    try:
+        family = family_by_name(model.config.model_type)
+    except ValueError:
+        return sorted(ids)  # outside the family table: the model's own eos ids are all we know
+    for token in family.stop_tokens:
+        token_id = tok.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tok.unk_token_id:
+            ids.add(token_id)
+    return sorted(ids)
 
 
 def generate_batch(model: Any, processor: Any, inputs: Any, gen_kwargs: dict) -> list[Generated]:
-    """Generate for one prepared batch; decode only the new tokens, without special tokens, stripped."""
+    """Generate for one batch until a stop token (stop_token_ids); decode only the new tokens, stripped."""
     import torch
 
     inputs = inputs.to(model.device)
+    stop = stop_token_ids(model, processor)
     with torch.inference_mode():
-        out = model.generate(**inputs, **gen_kwargs)
+        out = model.generate(**inputs, **{"eos_token_id": stop, **gen_kwargs})
     new = out[:, inputs["input_ids"].shape[1] :].tolist()
-    stop = _stop_ids(model, processor)
     results = []
     for ids in new:
         # tokens: up to and including the first stop token (what follows it is padding)
