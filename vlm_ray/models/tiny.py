@@ -93,6 +93,7 @@ QWEN_SPECIALS = [
     "<|video_pad|>",
 ]
 
+
 def _qwen_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     raw = train_bpe_tokenizer(QWEN_SPECIALS, vocab_size=vocab_size)
     tok = PreTrainedTokenizerFast(
@@ -217,60 +218,59 @@ def _text_config(shape: Shape, vocab: int, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _build_qwen2_5_vl(out: Path, shape: Shape, vocab_size: int, seed: int) -> dict[str, Any]:
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
+def _qwen_vl_tokenizer(
+    vocab_size: int, family: str
+) -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
+    """Qwen's tokenizer with the family's chat template, and the ids of its special tokens."""
+    tok = _qwen_tokenizer(vocab_size)
+    tok.chat_template = CHAT_TEMPLATES[family]
+    return tok, _ids(tok, QWEN_SPECIALS)
+
+
+def _qwen_vl_text_config(
+    shape: Shape, tok: Any, ids: dict[str, int], **rope: Any
+) -> dict[str, Any]:
+    """Qwen2.5-VL / Qwen3-VL language model: the shared sizes, mrope parameters and Qwen's bos/eos/pad."""
+    return _text_config(
+        shape,
+        len(tok),
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", **rope},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
     )
 
-    tok = _qwen_tokenizer(vocab_size)
-    tok.chat_template = CHAT_TEMPLATES["qwen2_5_vl"]
-    ids = _ids(tok, QWEN_SPECIALS)
-    head_dim = shape.hidden // shape.heads
-    config = Qwen2_5_VLConfig(
-        text_config=_text_config(
-            shape,
-            len(tok),
-            max_position_embeddings=32768,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 1_000_000.0,
-                "mrope_section": _mrope_section(head_dim),
-            },
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config={
-            "depth": shape.vision_depth,
-            "hidden_size": shape.vision_dim,
-            "intermediate_size": shape.vision_dim * 2 if not _real_size(shape) else 3420,
-            "num_heads": shape.vision_heads,
-            "out_hidden_size": shape.hidden,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            # Qwen2.5-VL: window attention everywhere but a few full-attention blocks (the last, here)
-            "fullatt_block_indexes": [shape.vision_depth - 1],
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=not _real_size(shape),
-    )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=1024 * 1024),
-        tokenizer=tok,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=CHAT_TEMPLATES["qwen2_5_vl"],
-    )
+
+def _qwen_vl_vision_config(
+    shape: Shape, patch_size: int, real_intermediate: int, **extra: Any
+) -> dict[str, Any]:
+    """Qwen2.5-VL / Qwen3-VL vision tower sizes (the real model's MLP width at real size)."""
+    return {
+        "depth": shape.vision_depth,
+        "hidden_size": shape.vision_dim,
+        "intermediate_size": shape.vision_dim * 2 if not _real_size(shape) else real_intermediate,
+        "num_heads": shape.vision_heads,
+        "out_hidden_size": shape.hidden,
+        "patch_size": patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        **extra,
+    }
+
+
+def _qwen_vl_token_ids(shape: Shape, ids: dict[str, int]) -> dict[str, Any]:
+    """The image/video placeholder and vision-span ids a Qwen2.5-VL / Qwen3-VL config names."""
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": not _real_size(shape),
+    }
+
+
+def _save_qwen_vl(model: Any, processor: Any, out: Path, shape: Shape, ids: dict[str, int]) -> dict:
     return _save(
         model,
         processor,
@@ -282,6 +282,45 @@ def _build_qwen2_5_vl(out: Path, shape: Shape, vocab_size: int, seed: int) -> di
     )
 
 
+def _build_qwen2_5_vl(out: Path, shape: Shape, vocab_size: int, seed: int) -> dict[str, Any]:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok, ids = _qwen_vl_tokenizer(vocab_size, "qwen2_5_vl")
+    config = Qwen2_5_VLConfig(
+        text_config=_qwen_vl_text_config(
+            shape,
+            tok,
+            ids,
+            rope_theta=1_000_000.0,
+            mrope_section=_mrope_section(shape.hidden // shape.heads),
+        ),
+        vision_config=_qwen_vl_vision_config(
+            shape,
+            patch_size=14,
+            real_intermediate=3420,
+            window_size=112,
+            # Qwen2.5-VL: window attention everywhere but a few full-attention blocks (the last, here)
+            fullatt_block_indexes=[shape.vision_depth - 1],
+        ),
+        **_qwen_vl_token_ids(shape, ids),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=1024 * 1024),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATES["qwen2_5_vl"],
+    )
+    return _save_qwen_vl(model, processor, out, shape, ids)
+
+
 def _build_qwen3_vl(out: Path, shape: Shape, vocab_size: int, seed: int) -> dict[str, Any]:
     from transformers import (
         Qwen2VLImageProcessor,
@@ -291,44 +330,27 @@ def _build_qwen3_vl(out: Path, shape: Shape, vocab_size: int, seed: int) -> dict
         Qwen3VLVideoProcessor,
     )
 
-    tok = _qwen_tokenizer(vocab_size)
-    tok.chat_template = CHAT_TEMPLATES["qwen3_vl"]
-    ids = _ids(tok, QWEN_SPECIALS)
+    tok, ids = _qwen_vl_tokenizer(vocab_size, "qwen3_vl")
     half = shape.hidden // shape.heads // 2
     t = 3 * half // 8  # Qwen3-VL's interleaved mrope: 24:20:20 of 64
     config = Qwen3VLConfig(
-        text_config=_text_config(
+        text_config=_qwen_vl_text_config(
             shape,
-            len(tok),
-            max_position_embeddings=32768,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5_000_000.0,
-                "mrope_section": [t, (half - t) // 2, half - t - (half - t) // 2],
-                "mrope_interleaved": True,
-            },
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            tok,
+            ids,
+            rope_theta=5_000_000.0,
+            mrope_section=[t, (half - t) // 2, half - t - (half - t) // 2],
+            mrope_interleaved=True,
         ),
-        vision_config={
-            "depth": shape.vision_depth,
-            "hidden_size": shape.vision_dim,
-            "intermediate_size": shape.vision_dim * 2 if not _real_size(shape) else 4304,
-            "num_heads": shape.vision_heads,
-            "out_hidden_size": shape.hidden,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 256 if not _real_size(shape) else 2304,
+        vision_config=_qwen_vl_vision_config(
+            shape,
+            patch_size=16,
+            real_intermediate=4304,
+            num_position_embeddings=256 if not _real_size(shape) else 2304,
             # DeepStack: features of these vision blocks are added into the first LM layers
-            "deepstack_visual_indexes": [shape.vision_depth - 1],
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=not _real_size(shape),
+            deepstack_visual_indexes=[shape.vision_depth - 1],
+        ),
+        **_qwen_vl_token_ids(shape, ids),
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
@@ -345,15 +367,7 @@ def _build_qwen3_vl(out: Path, shape: Shape, vocab_size: int, seed: int) -> dict
         video_processor=Qwen3VLVideoProcessor(),
         chat_template=CHAT_TEMPLATES["qwen3_vl"],
     )
-    return _save(
-        model,
-        processor,
-        out,
-        shape,
-        [ids["<|im_end|>"]],
-        ids["<|endoftext|>"],
-        ids["<|endoftext|>"],
-    )
+    return _save_qwen_vl(model, processor, out, shape, ids)
 
 
 LLAMA_SPECIALS = [
