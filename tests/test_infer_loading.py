@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,19 @@ def test_the_adapter_is_loaded_on_its_base_and_changes_the_output(tmp_path, tiny
     tuned_logits = _first_logits(tuned, processor)
     assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
     assert torch.allclose(tuned_logits, _first_logits(expected_model, processor), atol=1e-4)
+
+
+def test_a_model_folder_that_needs_remote_code_is_refused_naming_model_trust_remote_code(tmp_path):
+    folder = tmp_path / "remote_model"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "tiny_remote_ocr",
+                "auto_map": {"AutoModel": "modeling_tiny_remote.TinyRemoteModel"},
+            }
+        )
+    )
+    spec = infer_spec(str(tmp_path / "run"), folder)
+    with pytest.raises(ValueError, match=r"auto_map.*set model\.trust_remote_code=true"):
+        load_for_inference(spec, resolve_model_ref(spec, "base"))

@@ -17,6 +17,7 @@ from typing import Any
 
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
+from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import open_store
 
@@ -103,6 +104,8 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
     model_path = resolve_model_path(ref.model_uri, endpoint)
     adapter_path = resolve_model_path(ref.adapter_uri, endpoint) if ref.adapter_uri else None
     processor_path = adapter_path if adapter_path and _has_processor(adapter_path) else model_path
+    # Before from_pretrained: code shipped in the folder runs only with model.trust_remote_code=true.
+    check_remote_code(ref.model_uri, model_path, spec.model.trust_remote_code)
     if engine == "unsloth":
         model, processor = _load_unsloth(spec, model_path, adapter_path)
     else:
