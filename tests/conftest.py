@@ -170,3 +170,29 @@ def write_prepared():
         return all_recs
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_train_spec():
+    """A JobSpec for a few CPU training steps: tiny_train_spec(model_dir, run_uri, train={...}, ...).
+
+    The base: short sequences, no gradient checkpointing, the 56-84 px images write_prepared
+    draws; each keyword is a spec section whose keys are laid over the base's.
+    """
+    from vlm_ray.config import parse_spec
+
+    def make(model_dir: str | Path, run: str | Path, **sections: dict):
+        raw: dict[str, dict] = {
+            "run": {"uri": str(run)},
+            "model": {
+                "name": str(model_dir),
+                "max_seq_length": 256,
+                "use_gradient_checkpointing": False,
+            },
+            "data": {"source": "unused", "image_min_size": 56, "image_max_size": 84},
+        }
+        for name, values in sections.items():
+            raw[name] = {**raw.get(name, {}), **values}
+        return parse_spec(raw)
+
+    return make

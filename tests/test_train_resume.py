@@ -7,7 +7,6 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from vlm_ray.config import parse_spec
 from vlm_ray.storage import LocalStore
 from vlm_ray.train.checkpoints import CheckpointSync, download_latest_checkpoint
 from vlm_ray.train.hf_engine import train_hf
@@ -25,32 +24,16 @@ class StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
-def _spec(model: Path, run: Path):
-    return parse_spec(
-        {
-            "run": {"uri": str(run)},
-            "model": {
-                "name": str(model),
-                "max_seq_length": 256,
-                "use_gradient_checkpointing": False,
-            },
-            "lora": {
-                "r": 8,
-                "lora_alpha": 16,
-                "lora_dropout": 0.1,
-            },  # dropout: RNG must be restored
-            "data": {"source": "unused", "image_min_size": 56, "image_max_size": 84},
-            "train": {
-                "per_device_train_batch_size": 2,
-                "gradient_accumulation_steps": 1,
-                "max_steps": 6,  # 4 steps per epoch: the resumed part crosses an epoch
-                "save_steps": 2,
-                "logging_steps": 1,
-                "warmup_steps": 1,
-                "learning_rate": 5e-3,
-            },
-        }
-    )
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}  # dropout: RNG must be restored
+TRAIN = {
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 6,  # 4 steps per epoch: the resumed part crosses an epoch
+    "save_steps": 2,
+    "logging_steps": 1,
+    "warmup_steps": 1,
+    "learning_rate": 5e-3,
+}
 
 
 def _train(spec, store, workdir: Path, resume_from=None, extra=()):
@@ -59,15 +42,19 @@ def _train(spec, store, workdir: Path, resume_from=None, extra=()):
 
 
 def test_resumed_run_matches_an_uninterrupted_run_step_for_step(
-    tiny_qwen2_vl, write_prepared, tmp_path
+    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path
 ):
     whole = LocalStore(tmp_path / "whole")
     write_prepared(whole, rows=8)
-    _train(_spec(tiny_qwen2_vl, tmp_path / "whole"), whole, tmp_path / "w1" / "a")
+    _train(
+        tiny_train_spec(tiny_qwen2_vl, tmp_path / "whole", lora=LORA, train=TRAIN),
+        whole,
+        tmp_path / "w1" / "a",
+    )
 
     cut = LocalStore(tmp_path / "cut")
     write_prepared(cut, rows=8)
-    spec = _spec(tiny_qwen2_vl, tmp_path / "cut")
+    spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "cut", lora=LORA, train=TRAIN)
     first = _train(spec, cut, tmp_path / "w2" / "a", extra=[StopAfter(3)])
     assert first["global_step"] == 3
     resume_from = download_latest_checkpoint(cut, tmp_path / "w2" / "resume")

@@ -4,39 +4,23 @@ and the merged model on its own; full fine-tuning saves a whole model and no ada
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from vlm_ray import layout
-from vlm_ray.config import parse_spec
 from vlm_ray.storage import LocalStore
 from vlm_ray.train.hf_engine import train_hf
 
-
-def _spec(model: Path, run: Path, **model_overrides):
-    return parse_spec(
-        {
-            "run": {"uri": str(run)},
-            "model": {
-                "name": str(model),
-                "max_seq_length": 256,
-                "use_gradient_checkpointing": False,
-                **model_overrides,
-            },
-            "data": {"source": "unused", "image_min_size": 56, "image_max_size": 84},
-            "save": {"adapter": True, "merged_16bit": True},
-            "train": {
-                "per_device_train_batch_size": 2,
-                "gradient_accumulation_steps": 1,
-                "max_steps": 2,
-                "save_steps": 100,
-                "warmup_steps": 0,
-                "learning_rate": 5e-2,  # big steps: the adapter must visibly change the outputs
-            },
-        }
-    )
+SAVE = {"adapter": True, "merged_16bit": True}
+TRAIN = {
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 2,
+    "save_steps": 100,
+    "warmup_steps": 0,
+    "learning_rate": 5e-2,  # big steps: the adapter must visibly change the outputs
+}
 
 
 def _inputs(processor, recs: list[dict]):
@@ -50,14 +34,15 @@ def _inputs(processor, recs: list[dict]):
 
 
 def test_adapter_and_merged_model_load_with_plain_transformers_and_peft(
-    tiny_qwen2_vl, write_prepared, tmp_path
+    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path
 ):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     store = LocalStore(tmp_path / "run")
     recs = write_prepared(store, rows=4)
-    out = train_hf(_spec(tiny_qwen2_vl, tmp_path / "run"), store, tmp_path / "work" / "a", None, [])
+    spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", save=SAVE, train=TRAIN)
+    out = train_hf(spec, store, tmp_path / "work" / "a", None, [])
     assert out["kind"] == "adapter" and out["global_step"] == 2
     adapter_dir = store.local_path(layout.ADAPTER)
     merged_dir = store.local_path(layout.MERGED)
@@ -84,13 +69,15 @@ def test_adapter_and_merged_model_load_with_plain_transformers_and_peft(
 
 
 def test_full_finetuning_saves_a_whole_model_and_no_adapter(
-    tiny_qwen2_vl, write_prepared, tmp_path
+    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path
 ):
     from transformers import AutoModelForImageTextToText
 
     store = LocalStore(tmp_path / "run")
     write_prepared(store, rows=4)
-    spec = _spec(tiny_qwen2_vl, tmp_path / "run", full_finetuning=True)
+    spec = tiny_train_spec(
+        tiny_qwen2_vl, tmp_path / "run", model={"full_finetuning": True}, save=SAVE, train=TRAIN
+    )
     out = train_hf(spec, store, tmp_path / "work" / "a", None, [])
     assert out["kind"] == "full"
     assert not store.exists(f"{layout.ADAPTER}/adapter_config.json")
