@@ -114,7 +114,7 @@ def test_killing_an_actor_mid_run_still_predicts_every_row_exactly_once(
     assert outcome["result"]["models"]["base"]["rows"] == 16
 
 
-def test_any_image_folder_is_captioned_and_an_unreadable_file_is_accounted_for(
+def test_any_image_folder_is_captioned_and_each_unreadable_file_is_an_error_record_with_its_reason(
     ray_cluster, tiny_qwen2_vl, tmp_path
 ):
     from PIL import Image
@@ -123,9 +123,12 @@ def test_any_image_folder_is_captioned_and_an_unreadable_file_is_accounted_for(
 
     folder = tmp_path / "images"
     folder.mkdir()
+    # Sorted, two rows a shard: shard-00000 holds only the two broken files, so prepare writes
+    # no parquet shard for it, only its quarantine file.
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "empty.png").write_bytes(b"")
     for i, size in enumerate([(320, 320), (400, 300), (300, 400)]):
         Image.new("RGB", size, (40 * i, 90, 200)).save(folder / f"img{i}.png")
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     store = LocalStore(tmp_path / "run")
     spec = _spec_for(
         store,
@@ -136,14 +139,29 @@ def test_any_image_folder_is_captioned_and_an_unreadable_file_is_accounted_for(
     )
     result = run_infer(spec, models=["base"])
     rows = _predictions(store, "base")
-    assert sorted(r["source_id"].rsplit("/", 1)[-1] for r in rows) == [
-        "img0.png",
-        "img1.png",
-        "img2.png",
-    ]
+    by_name = {r["source_id"].rsplit("/", 1)[-1]: r for r in rows}
+    assert sorted(by_name) == ["broken.png", "empty.png", "img0.png", "img1.png", "img2.png"]
+    assert len(rows) == 5, "each input row exactly once"
     assert all(r["prompt"] == "Caption this image." and r["reference"] is None for r in rows)
+    assert all(by_name[f"img{i}.png"]["error"] is None for i in range(3))
+
+    reasons = {
+        q["source_id"].rsplit("/", 1)[-1]: q["reason"]
+        for key in store.list("infer_input/quarantine/")
+        for q in map(json.loads, store.read_text(key).splitlines())
+    }
+    assert sorted(reasons) == ["broken.png", "empty.png"]
+    for name, reason in reasons.items():
+        bad = by_name[name]
+        assert (bad["prediction"], bad["tokens"], bad["error"]) == (None, 0, reason)
+        assert bad["id"] and bad["id"] not in {by_name[f"img{i}.png"]["id"] for i in range(3)}
+    shard0 = store.read_text(f"{layout.predictions_dir('base')}/shard-00000.jsonl").splitlines()
+    names = sorted(json.loads(line)["source_id"].rsplit("/", 1)[-1] for line in shard0)
+    assert names == ["broken.png", "empty.png"], "an all-quarantined shard has its predictions file"
+    assert ShardLedger(store, layout.predictions_dir("base")).is_done("shard-00000")
+
     manifest = result["models"]["base"]
-    assert manifest["input"].endswith("infer_input/all") and manifest["rows"] == 3
-    assert manifest["input_quarantined"] == 1, (
-        "the unreadable file is counted, with its reason kept"
-    )
+    prepared = store.read_json("infer_input/manifest.json")
+    assert manifest["input"].endswith("infer_input/all")
+    assert manifest["rows"] == prepared["rows_in"] == 5 and manifest["errors"] == 2
+    assert manifest["input_quarantined"] == 2

@@ -36,8 +36,11 @@ class ShardTask:
     """One input shard and where its predictions go."""
 
     shard_id: str  # "shard-00003": the ledger's key
-    input_key: str  # prepared/heldout/shard-00003.parquet
+    # prepared/heldout/shard-00003.parquet; None when prepare rejected every row of the shard
+    input_key: str | None
     output_key: str  # predictions/<tag>/shard-00003.jsonl
+    # infer_input/quarantine/shard-00003.jsonl: rows prepare rejected, written as error records
+    quarantine_key: str | None = None
 
 
 @ray.remote
@@ -80,18 +83,25 @@ class InferActor:
         """Predict one input shard into its predictions file and commit it; a committed shard is skipped."""
         from vlm_ray.data.shards import read_shard
         from vlm_ray.infer.generation import predict_table
+        from vlm_ray.infer.quarantined import fixed_prompt, quarantined_records
 
         if self.ledger.is_done(task.shard_id):  # committed by an earlier attempt
             return self.ledger.store.read_json(f"{self.ledger.prefix}/_done/{task.shard_id}.json")
         start = time.time()
-        table = read_shard(self.store, task.input_key)
-        records = predict_table(self.model, self.processor, table, self.spec.generation)
+        records = []
+        if task.input_key is not None:
+            table = read_shard(self.store, task.input_key)
+            records = predict_table(self.model, self.processor, table, self.spec.generation)
+        if task.quarantine_key is not None:
+            prompt = fixed_prompt(self.spec)
+            records += quarantined_records(self.store, task.quarantine_key, prompt)
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
         # The file first, the marker second: a shard is done only once both exist.
         self.store.write_bytes(task.output_key, body)
         seconds = time.time() - start
         record = {
             "input_key": task.input_key,
+            "quarantine_key": task.quarantine_key,
             "key": task.output_key,
             "rows": len(records),
             "errors": sum(1 for r in records if r["error"]),

@@ -5,6 +5,9 @@
     InferActor pool (one model copy each) -> <run>/predictions/<tag>/shard-NNNNN.jsonl,
     commit markers under predictions/<tag>/_done/, predictions/<tag>/manifest.json
 
+With infer.source, the rows prepare quarantined go into their shard's predictions file as error
+records (prediction null, error = the reason), so predictions account for every input row once.
+
 A re-run skips committed shards; a re-run with another model, input or generation settings
 on the same predictions is refused rather than mixed (delete the folder or use a new run).
 """
@@ -50,13 +53,26 @@ def input_prefix(spec: JobSpec) -> str:
     return f"{INFER_INPUT}/all"
 
 
-def shard_tasks(input_keys: list[str], tag: str) -> list[ShardTask]:
-    """One task per input shard; the predictions file takes the input shard's name."""
-    tasks = []
-    for key in input_keys:
-        sid = key.rsplit("/", 1)[-1].removesuffix(".parquet")
-        tasks.append(ShardTask(sid, key, f"{layout.predictions_dir(tag)}/{sid}.jsonl"))
-    return tasks
+def _shard_id_of(key: str) -> str:
+    return key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def shard_tasks(
+    input_keys: list[str], tag: str, quarantine_keys: list[str] | None = None
+) -> list[ShardTask]:
+    """One task per input shard (prepared rows, quarantined rows or both); the predictions file takes its name."""
+    inputs = {_shard_id_of(k): k for k in input_keys}
+    # prepare names an input shard's quarantine file as its parquet shard: shard-NNNNN.jsonl
+    quarantined = {_shard_id_of(k): k for k in quarantine_keys or []}
+    return [
+        ShardTask(
+            sid,
+            inputs.get(sid),
+            f"{layout.predictions_dir(tag)}/{sid}.jsonl",
+            quarantined.get(sid),
+        )
+        for sid in sorted(inputs.keys() | quarantined.keys())
+    ]
 
 
 def predictions_fingerprint(spec: JobSpec, ref: ModelRef, prefix: str) -> str:
@@ -79,19 +95,38 @@ def _refuse_mixed(store: Store, ledger: ShardLedger, fingerprint: str, ref: Mode
             )
 
 
-def _input_quarantine(store: Store, prefix: str) -> dict[str, Any]:
-    """For infer.source inputs: how many images prepare rejected, and where their reasons are."""
+def _prepared_input(store: Store, prefix: str) -> dict[str, Any] | None:
+    """The prepare manifest of infer.source inputs (None for the held-out split)."""
     if not prefix.startswith(INFER_INPUT) or not store.exists(f"{INFER_INPUT}/manifest.json"):
+        return None
+    return store.read_json(f"{INFER_INPUT}/manifest.json")
+
+
+def input_quarantine_keys(store: Store, prefix: str) -> list[str]:
+    """For infer.source inputs: the quarantine files of rows prepare rejected (they become error records)."""
+    prepared = _prepared_input(store, prefix)
+    return list(prepared.get("quarantine", [])) if prepared else []
+
+
+def _input_quarantine(store: Store, prefix: str) -> dict[str, Any]:
+    """For infer.source inputs: rows in, how many prepare rejected, and where their reasons are."""
+    prepared = _prepared_input(store, prefix)
+    if prepared is None:
         return {}
-    prepared = store.read_json(f"{INFER_INPUT}/manifest.json")
     return {
+        "input_rows": prepared.get("rows_in"),
         "input_quarantined": prepared.get("rows_quarantined", 0),
         "input_quarantine": store.uri_of(f"{INFER_INPUT}/quarantine"),
     }
 
 
 def predict_with(
-    spec: JobSpec, store: Store, ref: ModelRef, prefix: str, input_keys: list[str]
+    spec: JobSpec,
+    store: Store,
+    ref: ModelRef,
+    prefix: str,
+    input_keys: list[str],
+    quarantine_keys: list[str] | None = None,
 ) -> dict[str, Any]:
     """Predict every input shard with one model; returns (and writes) predictions/<tag>/manifest.json."""
     start = time.time()
@@ -99,7 +134,7 @@ def predict_with(
     ledger = ShardLedger(store, out_prefix)
     fingerprint = predictions_fingerprint(spec, ref, prefix)
     _refuse_mixed(store, ledger, fingerprint, ref)
-    tasks = shard_tasks(input_keys, ref.tag)
+    tasks = shard_tasks(input_keys, ref.tag, quarantine_keys)
     done = ledger.done_ids()
     todo = [t for t in tasks if t.shard_id not in done]
     log.info(
@@ -132,7 +167,18 @@ def predict_with(
         "errors": sum(r["errors"] for r in shards),
         "tokens": sum(r["tokens"] for r in shards),
         "shards": [
-            {k: r[k] for k in ("shard_id", "input_key", "key", "rows", "errors", "sha256")}
+            {
+                k: r.get(k)
+                for k in (
+                    "shard_id",
+                    "input_key",
+                    "quarantine_key",
+                    "key",
+                    "rows",
+                    "errors",
+                    "sha256",
+                )
+            }
             for r in shards
         ],
         "shards_run": len(ran),
@@ -141,6 +187,13 @@ def predict_with(
         "images_per_s": round(rows_ran / wall, 3) if ran else None,
     }
     store.write_json(f"{out_prefix}/manifest.json", manifest)
+    if manifest.get("input_rows") not in (None, manifest["rows"]):
+        log.warning(
+            "infer[%s]: %d prediction records for %d input rows (infer_input/manifest.json rows_in)",
+            ref.tag,
+            manifest["rows"],
+            manifest["input_rows"],
+        )
     log.info(
         "infer[%s]: done in %.1f s: %d rows (%d errors), %d shards run, %d skipped, %s images/s -> %s",
         ref.tag,
@@ -167,12 +220,15 @@ def run_infer(
     refs = [resolve_model_ref(spec, tag, model_runs) for tag in tags]
     prefix = input_prefix(spec)
     keys = list_shards(store, prefix)
-    if not keys:
+    quarantine_keys = input_quarantine_keys(store, prefix)
+    if not keys and not quarantine_keys:
         raise FileNotFoundError(
             f"infer: no input shards under {store.uri_of(prefix)}; run the prepare stage first "
             "(or set infer.source to a folder or s3:// prefix of images)"
         )
-    results = {ref.tag: predict_with(spec, store, ref, prefix, keys) for ref in refs}
+    results = {
+        ref.tag: predict_with(spec, store, ref, prefix, keys, quarantine_keys) for ref in refs
+    }
     log.info(
         "infer: done in %.1f s: %s -> %s",
         time.time() - start,
