@@ -84,7 +84,7 @@ def _left_padded(processor: Any) -> Any:
 
 
 def prefer_fast_attention_kernels() -> None:
-    """On CUDA, keep SDPA off its cuDNN backend for generation (see docs/benchmarks-infer.md)."""
+    """On CUDA, keep SDPA off its cuDNN backend for generation (see docs/benchmarks.md)."""
     import torch
 
     if torch.cuda.is_available():
