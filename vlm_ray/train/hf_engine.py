@@ -27,6 +27,7 @@ from vlm_ray.train.collator import VisionSFTCollator
 from vlm_ray.train.dataset import PreparedShardsDataset
 from vlm_ray.train.peft_targets import lora_target_modules
 from vlm_ray.train.saving import save_trained_model
+from vlm_ray.train.trainer_args import common_trainer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -123,34 +124,11 @@ def training_arguments(spec: JobSpec, output_dir: Path, bf16: bool, fp16: bool) 
     """TrainingArguments from spec.train (the same knobs the Unsloth engine gives SFTConfig)."""
     from transformers import TrainingArguments
 
-    t = spec.train
     return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps if t.max_steps is not None else -1,
-        # transformers 5 takes a warmup ratio as a float < 1 in warmup_steps
-        warmup_steps=t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps,
-        optim=t.optim,
-        weight_decay=t.weight_decay,
-        lr_scheduler_type=t.lr_scheduler_type,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,  # the sampler's order depends on (seed, epoch) only: resumable
-        bf16=bf16,
-        fp16=fp16,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        dataloader_num_workers=t.dataloader_num_workers,
+        **common_trainer_kwargs(spec, output_dir, bf16, fp16),
         dataloader_pin_memory=torch.cuda.is_available(),
         gradient_checkpointing=bool(spec.model.use_gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        remove_unused_columns=False,  # the collator needs messages + images
-        report_to="none",
         disable_tqdm=True,  # MetricsLog prints one progress line per logging step
     )
 

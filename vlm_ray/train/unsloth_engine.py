@@ -28,6 +28,7 @@ from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import Store
 from vlm_ray.train.saving import save_trained_model
+from vlm_ray.train.trainer_args import common_trainer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -100,30 +101,9 @@ def sft_config(spec: JobSpec, output_dir: Path, bf16_supported: bool) -> Any:
     bf16 = t.bf16 if t.bf16 is not None else (bf16_supported and not t.fp16)
     fp16 = t.fp16 if t.fp16 is not None else not bf16
     return SFTConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps if t.max_steps is not None else -1,
-        # transformers 5 folds warmup_ratio into warmup_steps (a float < 1 is a ratio)
-        warmup_steps=t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps,
-        optim=t.optim,
-        weight_decay=t.weight_decay,
-        lr_scheduler_type=t.lr_scheduler_type,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=bf16,
-        fp16=fp16,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        dataloader_num_workers=t.dataloader_num_workers,
-        report_to="none",
+        **common_trainer_kwargs(spec, output_dir, bf16, fp16),
         # what Unsloth's vision notebooks require for a collator-driven VLM dataset
-        remove_unused_columns=False,
+        # (remove_unused_columns=False comes with the common knobs)
         dataset_text_field="",
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=spec.model.max_seq_length,
