@@ -30,6 +30,7 @@ from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.ray_cluster import cluster_gpus, init_ray
 from vlm_ray.storage import Store, open_store
 from vlm_ray.train.engine import EngineUnavailableError
+from vlm_ray.train.settings_guard import check_training_settings
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ def run_train(spec: JobSpec) -> dict[str, Any]:
     t0 = time.time()
     init_ray(spec.ray)
     store = open_store(spec.run.uri, spec.run.s3_endpoint_url)
+    # Before skipping or resuming: the checkpoints and model here must come from these settings.
+    check_training_settings(spec, store)
     if store.exists(layout.TRAIN_SUMMARY) and store.exists(layout.MODEL_INFO):
         log.info(
             "train: %s exists, skipping (delete it to retrain)", store.uri_of(layout.TRAIN_SUMMARY)
