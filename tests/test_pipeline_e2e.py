@@ -6,6 +6,7 @@ prepare (Ray tasks) → train (a Ray actor, CPU engine) → infer (a pool of Ray
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -102,3 +103,43 @@ def test_demo_pipeline_on_s3(
     )
     results = run_pipeline(spec)
     _check_run(spec, results)
+
+
+def test_pipeline_with_infer_source_captions_every_image_and_skips_evaluation(
+    ray_cluster: None, demo_slice: dict[str, Path], tmp_path: Path
+) -> None:
+    """Bulk captioning: train, then caption a folder of unlabeled images; a broken file is an error record."""
+    from vlm_ray.pipeline import run_pipeline
+
+    images = tmp_path / "incoming"
+    images.mkdir()
+    for i in range(5):
+        (images / f"scan-{i}.png").write_bytes(
+            (demo_slice["data"].parent / f"images/{i:04d}.png").read_bytes()
+        )
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    spec = _spec(
+        str(tmp_path / "run"),
+        demo_slice,
+        "train.max_steps=2",
+        f"infer.source={images}",
+        "infer.format=imagefolder",
+        "infer.models=[finetuned]",
+    )
+    results = run_pipeline(spec)
+    assert "evaluate" not in results
+    store = open_store(spec.run.uri)
+    assert not store.exists(layout.EVAL_METRICS)
+    records = [
+        json.loads(line)
+        for key in store.list(layout.predictions_dir("finetuned"))
+        if key.endswith(".jsonl") and "/_done/" not in key
+        for line in store.read_text(key).splitlines()
+    ]
+    assert sorted(Path(r["source_id"]).name for r in records) == [
+        "broken.png",
+        *[f"scan-{i}.png" for i in range(5)],
+    ]
+    errors = [r for r in records if r["error"]]
+    assert [Path(r["source_id"]).name for r in errors] == ["broken.png"]
+    assert all(r["prediction"] is not None for r in records if not r["error"])

@@ -279,6 +279,21 @@ class InferSpec(_Section):
     rows_per_shard: int = Field(
         1000, ge=1, description="Rows per input shard when reading an arbitrary image source."
     )
+    image_column: str | None = Field(
+        None,
+        description="Image column of infer.source (default: data.image_column; image folders need none).",
+    )
+    id_column: str | None = Field(
+        None,
+        description="Column giving infer.source rows a stable identity (default: source file + row index; data.id_column is not used).",
+    )
+    prompt_column: str | None = Field(
+        None, description="Column of infer.source holding a per-row prompt."
+    )
+    text_column: str | None = Field(
+        None,
+        description="Column of infer.source holding references, if any (default: data.text_column).",
+    )
 
 
 class EvalSpec(_Section):

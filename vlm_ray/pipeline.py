@@ -29,12 +29,20 @@ def run_pipeline(spec: JobSpec) -> dict[str, Any]:
     store.write_text(layout.SPEC, yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
-    for name, fn in (
+    stages = [
         ("prepare", run_prepare),
         ("train", run_train),
         ("infer", run_infer),
         ("evaluate", run_evaluate),
-    ):
+    ]
+    if spec.infer.source:
+        # Bulk captioning of infer.source: those images have no references, so nothing to score.
+        log.info(
+            "pipeline: infer.source is set (%s): bulk captioning, evaluate skipped",
+            spec.infer.source,
+        )
+        stages = stages[:3]
+    for name, fn in stages:
         start = time.time()
         log.info("pipeline: %s ...", name)
         results[name] = fn(spec)
@@ -46,8 +54,10 @@ def run_pipeline(spec: JobSpec) -> dict[str, Any]:
     print(f"  prepared data : {store.uri_of(layout.PREPARED)}/  (manifest.json, quarantine/)")
     print(f"  model         : {store.uri_of('model')}/")
     print(f"  predictions   : {store.uri_of(layout.PREDICTIONS)}/")
-    print(f"  report        : {store.uri_of(layout.EVAL_REPORT)}")
+    if "evaluate" in results:
+        print(f"  report        : {store.uri_of(layout.EVAL_REPORT)}")
     print(f"  stage times   : {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
-    print()
-    print(format_summary_table(results["evaluate"]))
+    if "evaluate" in results:
+        print()
+        print(format_summary_table(results["evaluate"]))
     return results

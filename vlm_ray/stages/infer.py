@@ -34,6 +34,20 @@ log = logging.getLogger(__name__)
 INFER_INPUT = "infer_input"
 
 
+def infer_source_spec(spec: JobSpec) -> JobSpec:
+    """The spec prepare reads infer.source with: its own columns, not the training data's."""
+    i = spec.infer
+    data = spec.data.model_copy(
+        update={
+            "image_column": i.image_column or spec.data.image_column,
+            "id_column": i.id_column,
+            "prompt_column": i.prompt_column,
+            "text_column": i.text_column or spec.data.text_column,
+        }
+    )
+    return spec.model_copy(update={"data": data})
+
+
 def input_prefix(spec: JobSpec) -> str:
     """Where the input shards are: the held-out split, or infer.source prepared into infer_input/all."""
     if spec.infer.source is None:
@@ -41,7 +55,7 @@ def input_prefix(spec: JobSpec) -> str:
     from vlm_ray.stages.prepare import prepare_dataset
 
     prepare_dataset(
-        spec,
+        infer_source_spec(spec),
         spec.infer.source,
         spec.infer.format,
         INFER_INPUT,
