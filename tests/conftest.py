@@ -196,3 +196,24 @@ def tiny_train_spec():
         return parse_spec(raw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def quick_demo_overrides(
+    tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: Path
+) -> list[str]:
+    """Overrides that shrink examples/demo.yaml to a few-second run on 2 CPUs (40 digits, 2 steps)."""
+    from vlm_ray.demo_data import write_digits_dataset
+
+    data = write_digits_dataset(tmp_path_factory.mktemp("digits"), limit=40)
+    return [
+        f"model.name={tiny_qwen2_vl}",
+        f"data.source={data}",
+        "data.heldout_fraction=0.25",
+        "data.rows_per_shard=20",
+        "train.max_steps=2",
+        "train.per_device_train_batch_size=4",
+        "train.warmup_steps=0",
+        "generation.max_new_tokens=2",
+        "generation.batch_size=8",
+    ]

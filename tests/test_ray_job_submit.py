@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from vlm_ray import layout
-from vlm_ray.demo_data import write_digits_dataset
 from vlm_ray.storage import open_store
 
 ROOT = Path(__file__).parent.parent
@@ -125,20 +124,9 @@ def _submit_and_wait(head: tuple[str, dict[str, str]], args: list[str]) -> tuple
 
 
 @pytest.fixture(scope="module")
-def demo_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: Path) -> list[str]:
+def demo_inputs(quick_demo_overrides: list[str]) -> list[str]:
     """Overrides that shrink examples/demo.yaml to a few-second run on 2 CPUs."""
-    data = write_digits_dataset(tmp_path_factory.mktemp("digits"), limit=40)
-    return [
-        f"model.name={tiny_qwen2_vl}",
-        f"data.source={data}",
-        "data.heldout_fraction=0.25",
-        "data.rows_per_shard=20",
-        "train.max_steps=2",
-        "train.per_device_train_batch_size=4",
-        "train.warmup_steps=0",
-        "generation.max_new_tokens=2",
-        "generation.batch_size=8",
-    ]
+    return quick_demo_overrides
 
 
 def test_demo_job_submitted_to_a_ray_head_succeeds_and_resumes(
