@@ -30,7 +30,7 @@ from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.ray_cluster import cluster_gpus, init_ray
 from vlm_ray.storage import Store, open_store
 from vlm_ray.train.engine import EngineUnavailableError
-from vlm_ray.train.settings_guard import check_training_settings
+from vlm_ray.train.settings_guard import record_training_settings, refuse_changed_settings
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def run_train(spec: JobSpec) -> dict[str, Any]:
     init_ray(spec.ray)
     store = open_store(spec.run.uri, spec.run.s3_endpoint_url)
     # Before skipping or resuming: the checkpoints and model here must come from these settings.
-    check_training_settings(spec, store)
+    refuse_changed_settings(spec, store)
     if store.exists(layout.TRAIN_SUMMARY) and store.exists(layout.MODEL_INFO):
         log.info(
             "train: %s exists, skipping (delete it to retrain)", store.uri_of(layout.TRAIN_SUMMARY)
@@ -174,6 +174,7 @@ def run_train(spec: JobSpec) -> dict[str, Any]:
         num_gpus,
         spec.train.max_restarts,
     )
+    record_training_settings(spec, store)
     actor = TrainActor.options(
         name=train_actor_name(spec),
         num_cpus=spec.ray.num_cpus_per_worker,

@@ -48,12 +48,11 @@ def training_settings(spec: JobSpec, store: Store) -> dict[str, Any]:
     return {"knobs": knobs, "train_shards": shards}
 
 
-def check_training_settings(spec: JobSpec, store: Store) -> None:
-    """Record the settings on the first run; on later runs raise SpecError naming every key that changed."""
-    current = training_settings(spec, store)
-    if store.create_exclusive(SETTINGS_KEY, _dumps(current)):
+def refuse_changed_settings(spec: JobSpec, store: Store) -> None:
+    """Raise SpecError naming every key that differs from the run's recorded settings (if any)."""
+    if not store.exists(SETTINGS_KEY):
         return
-    recorded = store.read_json(SETTINGS_KEY)
+    recorded, current = store.read_json(SETTINGS_KEY), training_settings(spec, store)
     old, new = recorded.get("knobs", {}), current["knobs"]
     changed = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
@@ -69,6 +68,12 @@ def check_training_settings(spec: JobSpec, store: Store) -> None:
             + f"\nUse a new run.uri, or delete {store.uri_of('checkpoints')}, {store.uri_of('model')}, "
             f"{store.uri_of('train')} to train this run again."
         )
+
+
+def record_training_settings(spec: JobSpec, store: Store) -> None:
+    """Record the settings as training starts; if another start recorded first, they must match."""
+    if not store.create_exclusive(SETTINGS_KEY, _dumps(training_settings(spec, store))):
+        refuse_changed_settings(spec, store)
 
 
 def _dumps(obj: Any) -> bytes:
