@@ -28,7 +28,9 @@ def fixed_prompt(spec: JobSpec) -> str | None:
     """The prompt every infer.source row gets (None when it comes from a per-row prompt column)."""
     if spec.infer.prompt:
         return spec.infer.prompt
-    return None if spec.data.prompt_column else spec.data.prompt
+    # infer.source is read with its own columns (stages.infer.infer_source_spec): the
+    # training data's prompt_column says nothing about it.
+    return None if spec.infer.prompt_column else spec.data.prompt
 
 
 def quarantined_records(store: Store, key: str, prompt: str | None) -> list[dict[str, Any]]:
