@@ -190,11 +190,14 @@ class LocalStore(Store):
         self._path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> int:
-        n = super().delete_prefix(prefix)
+        keys = list(self.list(prefix))
         path = self._path(prefix)
         if path.is_dir() and path != self.root:
-            shutil.rmtree(path, ignore_errors=True)
-        return n
+            shutil.rmtree(path, ignore_errors=True)  # one call, and no empty folders left behind
+        else:
+            for key in keys:
+                self.delete(key)
+        return len(keys)
 
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self._path(prefix))
