@@ -13,8 +13,10 @@ MERGED = "model/merged"
 MODEL_INFO = "model/model_info.json"
 TRAIN_METRICS = "train/metrics.jsonl"
 TRAIN_SUMMARY = "train/summary.json"
+TRAIN_SETTINGS = "train/settings.json"
 LOSS_PLOT = "train/loss.png"
 
+INFER_INPUT = "infer_input"  # infer.source, prepared like the training data
 PREDICTIONS = "predictions"
 EVAL = "eval"
 EVAL_METRICS = "eval/metrics.json"

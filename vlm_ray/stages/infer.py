@@ -31,8 +31,6 @@ from vlm_ray.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
-INFER_INPUT = "infer_input"
-
 
 def infer_source_spec(spec: JobSpec) -> JobSpec:
     """The spec prepare reads infer.source with: its own columns, not the training data's."""
@@ -58,13 +56,13 @@ def input_prefix(spec: JobSpec) -> str:
         infer_source_spec(spec),
         spec.infer.source,
         spec.infer.format,
-        INFER_INPUT,
+        layout.INFER_INPUT,
         None,
         require_text=False,
         prompt=spec.infer.prompt,
         rows_per_shard=spec.infer.rows_per_shard,
     )
-    return f"{INFER_INPUT}/all"
+    return f"{layout.INFER_INPUT}/all"
 
 
 def _shard_id_of(key: str) -> str:
@@ -111,9 +109,11 @@ def _refuse_mixed(store: Store, ledger: ShardLedger, fingerprint: str, ref: Mode
 
 def _prepared_input(store: Store, prefix: str) -> dict[str, Any] | None:
     """The prepare manifest of infer.source inputs (None for the held-out split)."""
-    if not prefix.startswith(INFER_INPUT) or not store.exists(f"{INFER_INPUT}/manifest.json"):
+    if not prefix.startswith(layout.INFER_INPUT) or not store.exists(
+        f"{layout.INFER_INPUT}/manifest.json"
+    ):
         return None
-    return store.read_json(f"{INFER_INPUT}/manifest.json")
+    return store.read_json(f"{layout.INFER_INPUT}/manifest.json")
 
 
 def input_quarantine_keys(store: Store, prefix: str) -> list[str]:
@@ -130,7 +130,7 @@ def _input_quarantine(store: Store, prefix: str) -> dict[str, Any]:
     return {
         "input_rows": prepared.get("rows_in"),
         "input_quarantined": prepared.get("rows_quarantined", 0),
-        "input_quarantine": store.uri_of(f"{INFER_INPUT}/quarantine"),
+        "input_quarantine": store.uri_of(f"{layout.INFER_INPUT}/quarantine"),
     }
 
 

@@ -13,8 +13,6 @@ from vlm_ray import layout
 from vlm_ray.config import JobSpec, SpecError, spec_to_dict
 from vlm_ray.storage import Store
 
-SETTINGS_KEY = "train/settings.json"
-
 # Keys that change how training runs, not what it produces.
 _OPERATIONAL = {
     "train.max_restarts",
@@ -50,9 +48,9 @@ def training_settings(spec: JobSpec, store: Store) -> dict[str, Any]:
 
 def refuse_changed_settings(spec: JobSpec, store: Store) -> None:
     """Raise SpecError naming every key that differs from the run's recorded settings (if any)."""
-    if not store.exists(SETTINGS_KEY):
+    if not store.exists(layout.TRAIN_SETTINGS):
         return
-    recorded, current = store.read_json(SETTINGS_KEY), training_settings(spec, store)
+    recorded, current = store.read_json(layout.TRAIN_SETTINGS), training_settings(spec, store)
     old, new = recorded.get("knobs", {}), current["knobs"]
     changed = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
@@ -72,7 +70,7 @@ def refuse_changed_settings(spec: JobSpec, store: Store) -> None:
 
 def record_training_settings(spec: JobSpec, store: Store) -> None:
     """Record the settings as training starts; if another start recorded first, they must match."""
-    if not store.create_exclusive(SETTINGS_KEY, _dumps(training_settings(spec, store))):
+    if not store.create_exclusive(layout.TRAIN_SETTINGS, _dumps(training_settings(spec, store))):
         refuse_changed_settings(spec, store)
 
 
