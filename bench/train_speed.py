@@ -360,7 +360,7 @@ def mode_stage(a, model_dir: Path) -> dict:
     import ray
 
     from vlm_ray import layout
-    from vlm_ray.config import parse_spec
+    from vlm_ray.config import apply_overrides, parse_spec
     from vlm_ray.storage import LocalStore
 
     steps = a.warmup + a.steps
@@ -385,24 +385,23 @@ def mode_stage(a, model_dir: Path) -> dict:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(recs), buf)
     store.write_bytes(layout.prepared_shard("train", 0), buf.getvalue())
-    spec = parse_spec(
-        {
-            "run": {"uri": store.uri},
-            "model": {"name": str(model_dir), "max_seq_length": 2048},
-            "data": {"source": "bench", "image_min_size": a.image, "image_max_size": a.image},
-            "train": {
-                "engine": "unsloth",
-                "per_device_train_batch_size": a.batch,
-                "gradient_accumulation_steps": 1,
-                "max_steps": steps,
-                "warmup_steps": 0,
-                "save_steps": 10_000,
-                "logging_steps": 1,
-                "train_on_responses_only": True,
-                "dataloader_num_workers": a.workers,
-            },
-        }
-    )
+    raw = {
+        "run": {"uri": store.uri},
+        "model": {"name": str(model_dir), "max_seq_length": 2048},
+        "data": {"source": "bench", "image_min_size": a.image, "image_max_size": a.image},
+        "train": {
+            "engine": "unsloth",
+            "per_device_train_batch_size": a.batch,
+            "gradient_accumulation_steps": 1,
+            "max_steps": steps,
+            "warmup_steps": 0,
+            "save_steps": 10_000,
+            "logging_steps": 1,
+            "train_on_responses_only": True,
+            "dataloader_num_workers": a.workers,
+        },
+    }
+    spec = parse_spec(apply_overrides(raw, a.set), "bench --set")
 
     @ray.remote(num_gpus=1)
     class Trainer:
@@ -454,13 +453,13 @@ def run_child(mode: str, argv: list[str]) -> dict:
 
 def summarise(results: dict, shape: str, gpu: str, peak: float) -> str:
     """A markdown table: samples/s, peak memory, MFU, ratio to the HF baseline."""
-    base = results.get("hf", {}).get("samples_per_s")
+    base = next((r.get("samples_per_s") for m, r in results.items() if m.startswith("hf")), None)
     # The model's FLOPs, from a 16-bit mode: a 4-bit model's packed weights count half their params.
     flops = next(
         (
             r["flops_per_sample"]
             for m, r in results.items()
-            if m in ("hf", "unsloth") and "flops_per_sample" in r
+            if m.startswith(("hf", "unsloth")) and "unsloth4" not in m and "flops_per_sample" in r
         ),
         None,
     )
@@ -501,6 +500,14 @@ def main() -> None:
         help="Unsloth checkpointing",
     )
     p.add_argument("--workers", type=int, default=0, help="dataloader workers in 'stage'")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="job-spec override for 'stage', e.g. train.optim=adamw_torch_fused (repeatable)",
+    )
+    p.add_argument("--label", default="", help="suffix of the result keys, e.g. '[bs16]'")
     p.add_argument("--no-split", action="store_true", help="skip the bare-step checks in 'unsloth'")
     p.add_argument("--model-dir", default=None, help="default: /tmp/bench_qwen2_vl_<shape>")
     p.add_argument("--out", default="train_speed.json")
@@ -526,8 +533,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for mode in a.modes.split(","):
         print(f"--- {mode} ({a.shape})", flush=True)
-        results[mode] = run_child(mode, argv)
-        print(f"{mode}: {json.dumps(results[mode])}", flush=True)
+        key = mode + a.label
+        results[key] = run_child(mode, argv)
+        print(f"{key}: {json.dumps(results[key])}", flush=True)
         table = summarise(results, a.shape, gpu, peak_flops(gpu))
         record = {
             "shape": a.shape,

@@ -17,6 +17,7 @@ from typing import Any
 
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
+from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import open_store
@@ -110,6 +111,8 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
         model, processor = _load_unsloth(spec, model_path, adapter_path)
     else:
         model, processor = _load_hf(spec, model_path, adapter_path, processor_path)
+    if enable_packed_vision_attention(model):
+        why += "; vision attention batched per layer"
     note = f"{engine} ({why}); model {ref.model_uri}" + (
         f" + adapter {ref.adapter_uri}" if ref.adapter_uri else ""
     )
@@ -138,6 +141,10 @@ def _load_unsloth(spec: JobSpec, model_path: str, adapter_path: str | None) -> t
         # The base is loaded from our own resolved path, not the adapter's recorded
         # base_model_name_or_path (a folder on the training node).
         model = PeftModel.from_pretrained(model, adapter_path)
+        if not (m.load_in_4bit or m.load_in_8bit):
+            # 16-bit: merged once, so decoding runs the base model's kernels only (LoRA's two
+            # extra matmuls per layer and token would be launched at every decode step).
+            model = model.merge_and_unload()
     FastVisionModel.for_inference(model)
     return model, processor
 

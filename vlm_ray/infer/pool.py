@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,12 @@ class ShardTask:
 
 @ray.remote
 class InferActor:
-    """Loads one model copy once, then predicts whole shards: write the file, then commit it."""
+    """Loads one model copy once, then predicts whole shards: write the file, then commit it.
+
+    A threaded actor (run_pool gives it max_concurrency=IN_FLIGHT_PER_ACTOR): while one shard
+    generates, the next one is read, decoded and preprocessed; a lock keeps their generate calls
+    apart, so the device always has the next batch ready and runs one batch at a time.
+    """
 
     def __init__(
         self, spec: dict[str, Any], ref: dict[str, Any], ledger_prefix: str, fingerprint: str
@@ -64,6 +70,7 @@ class InferActor:
         self.store = open_store(self.spec.run.uri, self.spec.run.s3_endpoint_url)
         self.ledger = ShardLedger(self.store, ledger_prefix)
         self.fingerprint = fingerprint
+        self.gpu_lock = threading.Lock()
         start = time.time()
         self.model, self.processor, self.note = load_for_inference(self.spec, ModelRef(**ref))
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
@@ -91,7 +98,9 @@ class InferActor:
         records = []
         if task.input_key is not None:
             table = read_shard(self.store, task.input_key)
-            records = predict_table(self.model, self.processor, table, self.spec.generation)
+            records = predict_table(
+                self.model, self.processor, table, self.spec.generation, self.gpu_lock
+            )
         if task.quarantine_key is not None:
             prompt = fixed_prompt(self.spec)
             records += quarantined_records(self.store, task.quarantine_key, prompt)
@@ -147,6 +156,8 @@ def run_pool(
         max_restarts=restarts,
         # a shard call in flight (or queued) when the actor died runs again on the restarted actor
         max_task_retries=restarts,
+        # the shard queued behind the one generating is prepared meanwhile (see InferActor)
+        max_concurrency=IN_FLIGHT_PER_ACTOR,
     )
     spec_dict = spec_to_dict(spec)
     actors = [actor_cls.remote(spec_dict, ref, ledger_prefix, fingerprint) for _ in range(size)]

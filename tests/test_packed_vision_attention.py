@@ -1,0 +1,81 @@
+"""The vision tower's batched attention gives what transformers' one-call-per-image SDPA gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import vlm_ray.models.packed_vision_attention as packed
+from vlm_ray.infer.generation import prepare_inputs, prompt_messages
+
+PROMPT = "Read the number in this image."
+
+
+def _image(n: int, w: int, h: int) -> Image.Image:
+    img = Image.new("RGB", (w, h), "white")
+    ImageDraw.Draw(img).text((4, h // 2 - 6), str(n), fill="black")
+    return img
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_qwen2_vl):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger random weights: outputs depend on every image token
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3)
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[(56, 56)] * 3, [(56, 56), (84, 56), (112, 84)]],
+    ids=["same-size images: one batched call", "mixed sizes: one call per image"],
+)
+def test_packed_attention_matches_transformers_sdpa(model_and_processor, sizes, monkeypatch):
+    model, processor = model_and_processor
+    images = [_image(i, w, h) for i, (w, h) in enumerate(sizes)]
+    messages = [prompt_messages({"prompt": PROMPT, "messages": None})] * len(images)
+    batch = prepare_inputs(processor, images, messages)
+    model.set_attn_implementation({"vision_config": "sdpa"})
+    with torch.no_grad():
+        expected = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        expected_ids = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+
+    calls = []
+    real = packed.packed_sdpa_attention
+
+    def spy(module, query, *args, **kwargs):
+        segments = kwargs["cu_seq_lens_q"].shape[0] - 1
+        calls.append(segments * kwargs["max_length_q"] == query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(packed, "packed_sdpa_attention", spy)
+    assert packed.enable_packed_vision_attention(model)
+    assert model.config.vision_config._attn_implementation == packed.NAME
+    assert model.config.text_config._attn_implementation == "sdpa", "the language model keeps SDPA"
+    with torch.no_grad():
+        got = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        got_ids = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    model.set_attn_implementation({"vision_config": "sdpa"})
+
+    same_size = len(set(sizes)) == 1
+    assert calls and all(c == same_size for c in calls)
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_ids, expected_ids)
+
+
+def test_models_on_eager_or_flash_attention_are_left_alone(model_and_processor):
+    model, _ = model_and_processor
+    model.set_attn_implementation({"vision_config": "eager"})
+    try:
+        assert not packed.enable_packed_vision_attention(model)
+        assert model.config.vision_config._attn_implementation == "eager"
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa"})
