@@ -17,28 +17,34 @@ def _unsloth_importable() -> tuple[bool, str]:
     return True, ""
 
 
-def choose_engine(spec: JobSpec) -> tuple[str, str]:
-    """("unsloth" | "hf", why): Unsloth on a CUDA GPU when importable (engine=auto), else transformers+PEFT."""
+def choose_engine(
+    spec: JobSpec, wanted: str | None = None, field: str = "train.engine"
+) -> tuple[str, str]:
+    """("unsloth" | "hf", why): Unsloth on a CUDA GPU when importable (engine=auto), else transformers+PEFT.
+
+    wanted/field: the setting that decides and its name in the spec (default train.engine;
+    the infer stage passes infer.engine when it is set).
+    """
     import torch
 
-    wanted = spec.train.engine
+    wanted = wanted or spec.train.engine
     has_gpu = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if has_gpu else None
     if wanted == "hf":
-        return "hf", "train.engine=hf" + (f" (on {gpu})" if gpu else " (CPU)")
+        return "hf", f"{field}=hf" + (f" (on {gpu})" if gpu else " (CPU)")
     if wanted == "unsloth":
         if not has_gpu:
             raise EngineUnavailableError(
-                "train.engine=unsloth needs a CUDA GPU, and this worker has none; "
-                "run on a GPU node (ray.num_gpus_per_worker) or set train.engine=auto / hf"
+                f"{field}=unsloth needs a CUDA GPU, and this worker has none; "
+                f"run on a GPU node (ray.num_gpus_per_worker) or set {field}=auto / hf"
             )
         ok, why = _unsloth_importable()
         if not ok:
-            raise EngineUnavailableError(f"train.engine=unsloth, but {why}")
-        return "unsloth", f"train.engine=unsloth on {gpu}"
+            raise EngineUnavailableError(f"{field}=unsloth, but {why}")
+        return "unsloth", f"{field}=unsloth on {gpu}"
     if not has_gpu:
-        return "hf", "train.engine=auto and no CUDA GPU: transformers+PEFT on CPU"
+        return "hf", f"{field}=auto and no CUDA GPU: transformers+PEFT on CPU"
     ok, why = _unsloth_importable()
     if not ok:
-        return "hf", f"train.engine=auto on {gpu}, but {why}: transformers+PEFT"
-    return "unsloth", f"train.engine=auto and a CUDA GPU ({gpu}) with unsloth installed"
+        return "hf", f"{field}=auto on {gpu}, but {why}: transformers+PEFT"
+    return "unsloth", f"{field}=auto and a CUDA GPU ({gpu}) with unsloth installed"
