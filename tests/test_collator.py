@@ -97,6 +97,34 @@ def test_batch_carries_every_image_patch_and_grid(processor, tiny_qwen2_vl):
     assert batch["attention_mask"].shape == batch["input_ids"].shape == batch["labels"].shape
 
 
+def test_pad_to_multiple_of_pads_to_a_fixed_length_and_learns_the_same_tokens(
+    processor, tiny_qwen2_vl
+):
+    plain = _collator(processor, tiny_qwen2_vl, responses_only=True)(_rows())
+    collator = VisionSFTCollator(
+        processor,
+        family_of(tiny_qwen2_vl),
+        train_on_responses_only=True,
+        max_seq_length=512,
+        pad_to_multiple_of=64,
+    )
+    padded = collator(_rows())
+    length = padded["input_ids"].shape[1]
+    assert length % 64 == 0 and length > plain["input_ids"].shape[1]
+    for row in range(len(ANSWERS)):
+        real = padded["attention_mask"][row].bool()
+        # the same tokens, the same learnt labels; the extra positions are padding, never learnt
+        assert torch.equal(
+            padded["input_ids"][row][real],
+            plain["input_ids"][row][plain["attention_mask"][row].bool()],
+        )
+        assert torch.equal(
+            padded["labels"][row][real], plain["labels"][row][plain["attention_mask"][row].bool()]
+        )
+        assert (padded["labels"][row][~real] == IGNORE_INDEX).all()
+    assert torch.equal(padded["pixel_values"], plain["pixel_values"])
+
+
 def test_every_assistant_turn_of_a_conversation_is_learnt_and_no_user_turn():
     user, assistant = [1, 2], [1, 3]
     #        sys  user  q   asst   a1 end  user  q2  asst  a2 a2 end

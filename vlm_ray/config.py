@@ -224,6 +224,14 @@ class TrainSpec(_Section):
     )
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept in object storage.")
     dataloader_num_workers: int = Field(0, ge=0)
+    pad_to_multiple_of: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Pad every batch to a multiple of this many tokens (e.g. 64): a few fixed lengths "
+            "instead of one per batch, so a compiled model (Unsloth) stops recompiling on new lengths."
+        ),
+    )
     max_restarts: int = Field(
         3,
         ge=0,

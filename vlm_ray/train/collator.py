@@ -174,8 +174,10 @@ class VisionSFTCollator:
         max_seq_length: int,
         image_max_size: int | None = None,
         dtype: torch.dtype | None = None,
+        pad_to_multiple_of: int | None = None,
     ):
         self.processor = processor
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.family = family
         self.train_on_responses_only = train_on_responses_only
         self.max_seq_length = max_seq_length
@@ -241,6 +243,8 @@ class VisionSFTCollator:
             truncation=True,
             max_length=self.max_seq_length,
         )
+        if self.pad_to_multiple_of:
+            kwargs["pad_to_multiple_of"] = self.pad_to_multiple_of
         if images:
             kwargs["images"] = images
         batch = self.processor(**kwargs)

@@ -167,6 +167,7 @@ def train_hf(
         max_seq_length=spec.model.max_seq_length,
         image_max_size=spec.data.image_max_size,
         dtype=None if spec.model.load_in_4bit or spec.model.load_in_8bit else model.dtype,
+        pad_to_multiple_of=spec.train.pad_to_multiple_of,
     )
     trainer = Trainer(
         model=model,

@@ -90,6 +90,7 @@ def build_unsloth_collator(spec: JobSpec, model: Any, processor: Any, family: Fa
         # rather than Unsloth's default resize to a model-specific size.
         resize=spec.data.image_max_size,
         resize_dimension="max",
+        pad_to_multiple_of=spec.train.pad_to_multiple_of,
     )
 
 
