@@ -232,3 +232,28 @@ def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
         assert summary["kind"] == "adapter"
         cfg = store.read_json(f"{layout.ADAPTER}/adapter_config.json")
         assert cfg["r"] == spec.lora.r
+
+
+def test_killed_unsloth_train_actor_resumes_from_its_checkpoint_on_the_gpu(
+    tiny_qwen2_vl: Path, ray_cluster: None, tmp_path: Path
+) -> None:
+    """The CPU test's kill-and-resume (tests/test_train_stage.py), with the Unsloth engine on a GPU."""
+    from test_train_stage import kill_mid_run_and_finish
+
+    from vlm_ray.storage import LocalStore
+
+    store = LocalStore(tmp_path / "run")
+    _write_prepared(store, rows=16)
+    _, spec = _spec(
+        tiny_qwen2_vl,
+        store.uri,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=8,
+        max_steps=24,  # a GPU step of the tiny model is short: enough of them to kill mid-run
+        save_steps=2,
+        save_total_limit=2,
+        logging_steps=1,
+        max_restarts=2,
+    )
+    summary, _ = kill_mid_run_and_finish(spec, store)
+    assert summary["engine"] == "unsloth"

@@ -18,6 +18,7 @@ from typing import Any
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
 from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
+from vlm_ray.models.patch_embed_matmul import run_patch_embeddings_as_matmul
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import open_store
@@ -114,6 +115,8 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
         model, processor = _load_hf(spec, model_path, adapter_path, processor_path)
     if enable_packed_vision_attention(model):
         why += "; vision attention batched per layer"
+    if run_patch_embeddings_as_matmul(model):
+        why += "; patch embedding as a matmul"
     note = f"{engine} ({why}); model {ref.model_uri}" + (
         f" + adapter {ref.adapter_uri}" if ref.adapter_uri else ""
     )

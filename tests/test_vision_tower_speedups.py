@@ -1,4 +1,4 @@
-"""The vision tower's batched attention gives what transformers' one-call-per-image SDPA gives."""
+"""The vision tower run faster gives what transformers gives: batched attention, patch embedding as a matmul."""
 
 from __future__ import annotations
 
@@ -79,3 +79,23 @@ def test_models_on_eager_or_flash_attention_are_left_alone(model_and_processor):
         assert model.config.vision_config._attn_implementation == "eager"
     finally:
         model.set_attn_implementation({"vision_config": "sdpa"})
+
+
+def test_patch_embedding_as_a_matmul_gives_the_conv3d_result(tiny_qwen2_vl):
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_ray.models.patch_embed_matmul import run_patch_embeddings_as_matmul
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl).eval()
+    embed = model.model.visual.patch_embed
+    pixels = torch.randn(
+        37, embed.proj.weight[0].numel()
+    )  # 37 patches, as the processor flattens them
+    with torch.no_grad():
+        expected = embed(pixels)
+        assert run_patch_embeddings_as_matmul(model) == 1
+        got = embed(pixels)
+    assert got.shape == expected.shape == (37, embed.embed_dim)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the weights stay where they were: saving and LoRA targeting see the same parameters
+    assert [n for n, _ in embed.named_parameters()] == ["proj.weight"]
