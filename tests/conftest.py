@@ -90,6 +90,27 @@ def tiny_qwen2_vl(models_dir: Path) -> Path:
     return build_tiny_model(models_dir / "qwen2_vl", family="qwen2_vl", size="tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_qwen2_vl: Path):
+    """(model, left-padding processor) of the tiny Qwen2-VL with larger random weights, for generation tests.
+
+    The saved tiny model's small init makes every input decode to the same tokens; larger random
+    weights make the output depend on the image, so a padding or batching mistake would show.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3, generator=generator)
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
 def _number_png(i: int, width: int, height: int) -> bytes:
     """A real PNG: a number drawn on white."""
     import io
