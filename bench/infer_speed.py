@@ -17,6 +17,9 @@ so every setup generates exactly 32 tokens per image. Images: 448x448 PNGs (256 
   c  our stage: vlm_ray.stages.infer.run_infer on a local Ray cluster, pool of --gpus actors
      (num_gpus=1 each), reading prepared parquet shards, writing predictions; engine auto
      (Unsloth when importable) unless --engine hf
+  s  where our stage's time goes, without Ray: its loading and generation code on one batch of
+     --batch, timed per phase (processor, vision tower, prefill, decode) and profiled
+  p  plain HF under torch.profiler, and a static KV cache attempt
 """
 
 from __future__ import annotations
@@ -51,12 +54,13 @@ def build_model(shape: str, out: Path) -> Path:
     if (out / "bench_ready").exists():
         return out
     t = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run of the tiny shape
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         build_tiny_model(out, family="qwen2_vl", size=shape)
     torch.set_default_dtype(torch.float32)
     model = AutoModelForImageTextToText.from_pretrained(
-        out, dtype=torch.bfloat16, device_map="cuda"
+        out, dtype=torch.bfloat16, device_map=device
     )
     if shape in REAL_VOCAB:
         model.resize_token_embeddings(REAL_VOCAB[shape], mean_resizing=False)
@@ -183,6 +187,93 @@ def mode_p(model_dir: Path, size: int, bs: int) -> dict:
     return res
 
 
+def mode_s(model_dir: Path, size: int, bs: int, engine: str) -> dict:
+    """Where our stage's time goes: its own loading and generation code on one batch, phase by phase.
+
+    Phases (device synchronised around each): the processor on the GPU, the vision tower alone,
+    prefill (generate with one new token), and the whole generate; then predict_table over two
+    batches (decoding and preprocessing overlapped), and torch.profiler tables of one prefill.
+    """
+    import pyarrow as pa
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from vlm_ray.config import parse_spec
+    from vlm_ray.infer.generation import (
+        _decode_image,
+        generate_batch,
+        generation_kwargs,
+        predict_table,
+        prepare_inputs,
+        processor_device,
+        prompt_messages,
+    )
+    from vlm_ray.infer.loading import ModelRef, load_for_inference
+
+    spec = parse_spec(
+        {
+            "run": {"uri": "/tmp/unused"},
+            "model": {"name": str(model_dir), "max_seq_length": 4096},
+            "data": {"source": "unused"},
+            "train": {"engine": engine},
+            "generation": {"max_new_tokens": NEW_TOKENS, "batch_size": bs},
+        }
+    )
+    model, processor, note = load_for_inference(spec, ModelRef("base", str(model_dir)))
+    cuda = torch.cuda.is_available()
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t
+
+    rows = prepared_rows(2 * bs, size)
+    imgs = [_decode_image(r["image"]) for r in rows[:bs]]
+    msgs = [prompt_messages(r) for r in rows[:bs]]
+    device = processor_device(model, processor)
+    kwargs = generation_kwargs(spec.generation)
+    one = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
+    inputs = prepare_inputs(processor, imgs, msgs, device)
+    generate_batch(model, processor, inputs, kwargs)  # warm-up (compilation, allocator)
+    inputs, prep_s = timed(lambda: prepare_inputs(processor, imgs, msgs, device))
+    inputs = inputs.to(model.device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    visual = base.model.visual
+    with torch.inference_mode():
+        _, vision_s = timed(
+            lambda: visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        )
+    _, prefill_s = timed(lambda: generate_batch(model, processor, inputs, one))
+    outs, generate_s = timed(lambda: generate_batch(model, processor, inputs, kwargs))
+    assert all(o.tokens == NEW_TOKENS for o in outs), "every image, 32 tokens"
+    table = pa.Table.from_pylist(rows)
+    _, table_s = timed(lambda: predict_table(model, processor, table, spec.generation))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        generate_batch(model, processor, inputs, one)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+    return {
+        "mode": "s",
+        "engine": note,
+        "batch": bs,
+        "processor_s": round(prep_s, 3),
+        "vision_tower_s": round(vision_s, 3),
+        "prefill_s": round(prefill_s, 3),
+        "decode_s": round(generate_s - prefill_s, 3),
+        "decode_ms_per_step": round(1e3 * (generate_s - prefill_s) / (NEW_TOKENS - 1), 2),
+        "predict_table_images_per_s": round(len(rows) / table_s, 2),
+        "peak_gib": round(torch_peak_gib(), 1) if cuda else None,
+    }
+
+
 def torch_peak_gib() -> float:
     import torch
 
@@ -190,12 +281,22 @@ def torch_peak_gib() -> float:
 
 
 def write_inputs(run: Path, n: int, size: int, rows_per_shard: int) -> None:
-    """n images as prepared held-out shards (docs/architecture.md schema)."""
-    from vlm_ray.data.chat import to_messages
+    """n images as prepared held-out shards."""
     from vlm_ray.data.shards import write_shard
     from vlm_ray.storage import LocalStore
 
     store = LocalStore(run)
+    rows = prepared_rows(n, size)
+    for s, start in enumerate(range(0, n, rows_per_shard)):
+        write_shard(
+            store, f"prepared/heldout/shard-{s:05d}.parquet", rows[start : start + rows_per_shard]
+        )
+
+
+def prepared_rows(n: int, size: int) -> list[dict]:
+    """n images as rows of a prepared held-out shard (docs/architecture.md schema)."""
+    from vlm_ray.data.chat import to_messages
+
     rows = []
     for i, im in enumerate(images(n, size)):
         buf = io.BytesIO()
@@ -213,10 +314,7 @@ def write_inputs(run: Path, n: int, size: int, rows_per_shard: int) -> None:
                 "messages": json.dumps(to_messages(PROMPT, None, None)),
             }
         )
-    for s, start in enumerate(range(0, n, rows_per_shard)):
-        write_shard(
-            store, f"prepared/heldout/shard-{s:05d}.parquet", rows[start : start + rows_per_shard]
-        )
+    return rows
 
 
 def mode_c(
@@ -326,6 +424,8 @@ def main() -> None:
         res = mode_b(model_dir, a.images_b, a.size, [int(b) for b in a.batch_sizes.split(",")])
     elif a.run_mode == "p":
         res = mode_p(model_dir, a.size, a.batch)
+    elif a.run_mode == "s":
+        res = mode_s(model_dir, a.size, a.batch, a.engine)
     elif a.run_mode == "c":
         res = mode_c(
             model_dir,
@@ -344,7 +444,7 @@ def main() -> None:
         shape=a.shape,
         size=a.size,
         new_tokens=NEW_TOKENS,
-        gpu=torch.cuda.get_device_name(0),
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     )
     print("RESULT " + json.dumps(res), flush=True)
     with open(a.out, "a") as f:
