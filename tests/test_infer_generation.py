@@ -135,3 +135,24 @@ def test_prompt_is_the_rows_chat_turns_without_the_answer():
     assert built == [
         {"role": "user", "content": [{"type": "text", "text": PROMPT}, {"type": "image"}]}
     ]
+
+
+def test_generate_runs_only_while_the_callers_gpu_lock_is_held(tiny, monkeypatch):
+    import threading
+
+    model, processor = tiny
+    lock = threading.Lock()
+    held = []
+    real = model.generate
+
+    def generate(*args, **kwargs):
+        held.append(lock.locked())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    table = pa.Table.from_pylist(_rows([(56, 56), (84, 56), (56, 56)]))
+    records = predict_table(
+        model, processor, table, GREEDY.model_copy(update={"batch_size": 2}), lock
+    )
+    assert held == [True, True] and not lock.locked()  # two batches, each inside the lock
+    assert all(r["error"] is None for r in records)

@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -179,10 +179,32 @@ class _Prepared:
     """One batch after decoding and the processor: the rows that made it, and why the others did not."""
 
     ok: list[int]
+    images: dict[int, Any]
+    errors: dict[int, str]
     inputs: Any = None
-    errors: dict[int, str] | None = None
-    images: dict[int, Any] | None = None
     failure: Exception | None = None  # the processor failed on the whole batch
+
+
+def _prepare_batch(
+    batch: list[int], rows: list[dict], processor: Any, device: Any, decoders: ThreadPoolExecutor
+) -> _Prepared:
+    decoded = dict(
+        zip(batch, decoders.map(_try_decode, [rows[i]["image"] for i in batch]), strict=True)
+    )
+    errors = {i: d.message for i, d in decoded.items() if isinstance(d, _DecodeError)}
+    ok = [i for i in batch if i not in errors]
+    prepared = _Prepared(ok, {i: decoded[i] for i in ok}, errors)
+    if ok:
+        try:
+            prepared.inputs = prepare_inputs(
+                processor,
+                [prepared.images[i] for i in ok],
+                [prompt_messages(rows[i]) for i in ok],
+                device,
+            )
+        except Exception as err:  # retried row by row, so one bad row cannot fail the batch
+            prepared.failure = err
+    return prepared
 
 
 def predict_table(
@@ -213,34 +235,17 @@ def predict_table(
         ThreadPoolExecutor(1, thread_name_prefix="preprocess") as preprocess,
     ):
 
-        def prepare(batch: list[int]) -> _Prepared:
-            decoded = dict(
-                zip(
-                    batch, decoders.map(_try_decode, [rows[i]["image"] for i in batch]), strict=True
-                )
-            )
-            errors = {i: d.message for i, d in decoded.items() if isinstance(d, _DecodeError)}
-            ok = [i for i in batch if i not in errors]
-            images = {i: decoded[i] for i in ok}
-            prepared = _Prepared(ok, errors=errors, images=images)
-            if ok:
-                try:
-                    prepared.inputs = prepare_inputs(
-                        processor,
-                        [images[i] for i in ok],
-                        [prompt_messages(rows[i]) for i in ok],
-                        device,
-                    )
-                except Exception as err:
-                    prepared.failure = err
-            return prepared
+        def submit(b: int) -> Future | None:
+            if b >= len(batches):
+                return None
+            return preprocess.submit(_prepare_batch, batches[b], rows, processor, device, decoders)
 
-        pending = preprocess.submit(prepare, batches[0]) if batches else None
+        pending = submit(0)
         for b in range(len(batches)):
             assert pending is not None
             prepared = pending.result()
-            pending = preprocess.submit(prepare, batches[b + 1]) if b + 1 < len(batches) else None
-            for i, message in (prepared.errors or {}).items():
+            pending = submit(b + 1)
+            for i, message in prepared.errors.items():
                 records[i] = _record(rows[i], None, 0.0, message)
             if not prepared.ok:
                 continue
@@ -248,15 +253,15 @@ def predict_table(
                 # Seeded per batch from its rows: the same rows sample the same way on a re-run,
                 # whatever else this process generated in between.
                 torch_seed(gen.seed, [rows[i]["id"] for i in prepared.ok])
-                if prepared.failure is not None or prepared.inputs is None:
+                if prepared.failure is not None:
                     outcome = _one_by_one(
                         model,
                         processor,
                         rows,
-                        prepared.images or {},
+                        prepared.images,
                         prepared.ok,
                         gen_kwargs,
-                        prepared.failure or RuntimeError("no inputs"),
+                        prepared.failure,
                         device,
                     )
                 else:
@@ -289,7 +294,7 @@ def _generate_or_split(
         outs = generate_batch(model, processor, prepared.inputs, gen_kwargs)
     except Exception as err:
         return _one_by_one(
-            model, processor, rows, prepared.images or {}, prepared.ok, gen_kwargs, err, device
+            model, processor, rows, prepared.images, prepared.ok, gen_kwargs, err, device
         )
     latency = time.perf_counter() - start
     return {i: _record(rows[i], out, latency) for i, out in zip(prepared.ok, outs, strict=True)}
