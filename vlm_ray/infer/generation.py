@@ -103,7 +103,10 @@ def image_pixels(row: dict[str, Any]) -> int:
 
 def processor_device(model: Any, processor: Any) -> Any:
     """Where the image processor should run: the model's GPU when the processor can (torchvision backend)."""
-    from transformers.image_processing_backends import TorchvisionBackend
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:  # transformers before the backends split: keep the processor's default
+        return None
 
     device = getattr(model, "device", None)
     image_processor = getattr(processor, "image_processor", None)
