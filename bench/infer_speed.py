@@ -20,6 +20,8 @@ so every setup generates exactly 32 tokens per image. Images: 448x448 PNGs (256 
   s  where our stage's time goes, without Ray: its loading and generation code on one batch of
      --batch, timed per phase (processor, vision tower, prefill, decode) and profiled
   p  plain HF under torch.profiler, and a static KV cache attempt
+
+BENCH_CACHE=static sets generation.cache_implementation for modes c and s.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_VOCAB = {"2b": 151936, "7b": 152064}
 PROMPT = "Read the number in this image."
 NEW_TOKENS = 32
+CACHE = os.environ.get("BENCH_CACHE") or None  # generation.cache_implementation in modes c and s
 
 
 def build_model(shape: str, out: Path) -> Path:
@@ -216,7 +219,11 @@ def mode_s(model_dir: Path, size: int, bs: int, engine: str) -> dict:
             "model": {"name": str(model_dir), "max_seq_length": 4096},
             "data": {"source": "unused"},
             "train": {"engine": engine},
-            "generation": {"max_new_tokens": NEW_TOKENS, "batch_size": bs},
+            "generation": {
+                "max_new_tokens": NEW_TOKENS,
+                "batch_size": bs,
+                "cache_implementation": CACHE,
+            },
         }
     )
     model, processor, note = load_for_inference(spec, ModelRef("base", str(model_dir)))
@@ -348,7 +355,11 @@ def mode_c(
             "model": {"name": str(model_dir), "max_seq_length": 4096},
             "data": {"source": "unused"},
             "train": {"engine": engine},
-            "generation": {"max_new_tokens": NEW_TOKENS, "batch_size": batch},
+            "generation": {
+                "max_new_tokens": NEW_TOKENS,
+                "batch_size": batch,
+                "cache_implementation": CACHE,
+            },
             "ray": {"pool_size": gpus, "num_cpus_per_worker": cpus},
         }
     )
@@ -441,6 +452,7 @@ def main() -> None:
         raise SystemExit(f"unknown mode {a.run_mode}")
     res.update(
         cudnn_sdp=os.environ.get("BENCH_CUDNN_SDP", "on"),
+        cache=CACHE or "dynamic",
         shape=a.shape,
         size=a.size,
         new_tokens=NEW_TOKENS,

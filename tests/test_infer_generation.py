@@ -156,3 +156,20 @@ def test_generate_runs_only_while_the_callers_gpu_lock_is_held(tiny, monkeypatch
     )
     assert held == [True, True] and not lock.locked()  # two batches, each inside the lock
     assert all(r["error"] is None for r in records)
+
+
+def test_a_static_kv_cache_predicts_what_the_dynamic_cache_predicts(tiny):
+    model, processor = tiny
+    table = pa.Table.from_pylist(_rows([(84, 56), (56, 56), (84, 56)]))
+    dynamic = predict_table(model, processor, table, GREEDY)
+    static = predict_table(
+        model, processor, table, GREEDY.model_copy(update={"cache_implementation": "static"})
+    )
+    assert (
+        generation_kwargs(GREEDY.model_copy(update={"cache_implementation": "static"}))[
+            "cache_implementation"
+        ]
+        == "static"
+    )
+    assert [r["prediction"] for r in static] == [r["prediction"] for r in dynamic]
+    assert all(r["error"] is None for r in static)

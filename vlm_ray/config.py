@@ -267,6 +267,14 @@ class GenerationSpec(_Section):
     repetition_penalty: float | None = Field(None, gt=0)
     seed: int = Field(0)
     batch_size: int = Field(8, ge=1, description="Images per generate call.")
+    cache_implementation: Literal["static"] | None = Field(
+        None,
+        description=(
+            'KV cache; "static" preallocates it, and on CUDA transformers then compiles the decoding '
+            "step (CUDA graphs; each new batch shape compiles once). Default: the dynamic cache. "
+            "Not yet benchmarked here."
+        ),
+    )
 
 
 class InferSpec(_Section):

@@ -32,6 +32,8 @@ def generation_kwargs(gen: GenerationSpec) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample}
     if gen.repetition_penalty is not None:
         kwargs["repetition_penalty"] = gen.repetition_penalty
+    if gen.cache_implementation is not None:
+        kwargs["cache_implementation"] = gen.cache_implementation
     if gen.do_sample:
         kwargs["temperature"] = gen.temperature
         if gen.min_p is not None:
