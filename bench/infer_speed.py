@@ -190,6 +190,21 @@ def mode_p(model_dir: Path, size: int, bs: int) -> dict:
     return res
 
 
+def bench_spec(run_uri: str, model_dir: Path, engine: str, batch: int) -> dict:
+    """The job spec of modes c and s: 32 new tokens, the given batch, BENCH_CACHE's KV cache."""
+    return {
+        "run": {"uri": run_uri},
+        "model": {"name": str(model_dir), "max_seq_length": 4096},
+        "data": {"source": "unused"},
+        "train": {"engine": engine},
+        "generation": {
+            "max_new_tokens": NEW_TOKENS,
+            "batch_size": batch,
+            "cache_implementation": CACHE,
+        },
+    }
+
+
 def mode_s(model_dir: Path, size: int, bs: int, engine: str) -> dict:
     """Where our stage's time goes: its own loading and generation code on one batch, phase by phase.
 
@@ -213,19 +228,7 @@ def mode_s(model_dir: Path, size: int, bs: int, engine: str) -> dict:
     )
     from vlm_ray.infer.loading import ModelRef, load_for_inference
 
-    spec = parse_spec(
-        {
-            "run": {"uri": "/tmp/unused"},
-            "model": {"name": str(model_dir), "max_seq_length": 4096},
-            "data": {"source": "unused"},
-            "train": {"engine": engine},
-            "generation": {
-                "max_new_tokens": NEW_TOKENS,
-                "batch_size": bs,
-                "cache_implementation": CACHE,
-            },
-        }
-    )
+    spec = parse_spec(bench_spec("/tmp/unused", model_dir, engine, bs))
     model, processor, note = load_for_inference(spec, ModelRef("base", str(model_dir)))
     cuda = torch.cuda.is_available()
 
@@ -349,20 +352,8 @@ def mode_c(
         write_inputs(run, n, size, rows_per_shard)
     shutil.rmtree(run / "predictions", ignore_errors=True)
     ray.init(num_gpus=gpus, include_dashboard=False)
-    spec = parse_spec(
-        {
-            "run": {"uri": str(run)},
-            "model": {"name": str(model_dir), "max_seq_length": 4096},
-            "data": {"source": "unused"},
-            "train": {"engine": engine},
-            "generation": {
-                "max_new_tokens": NEW_TOKENS,
-                "batch_size": batch,
-                "cache_implementation": CACHE,
-            },
-            "ray": {"pool_size": gpus, "num_cpus_per_worker": cpus},
-        }
-    )
+    raw = bench_spec(str(run), model_dir, engine, batch)
+    spec = parse_spec({**raw, "ray": {"pool_size": gpus, "num_cpus_per_worker": cpus}})
     t = time.perf_counter()
     result = run_infer(spec, models=["base"])["models"]["base"]
     wall = time.perf_counter() - t
