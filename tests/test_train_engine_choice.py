@@ -53,15 +53,19 @@ def test_train_stage_refuses_unsloth_on_a_cluster_without_gpus_before_starting_a
 
 @needs_cpu_only
 def test_infer_engine_overrides_train_engine_for_inference_and_is_named_in_errors():
-    spec = parse_spec(
-        {
-            "run": {"uri": "unused"},
-            "model": {"name": "unused"},
-            "data": {"source": "unused"},
-            "train": {"engine": "unsloth"},
-            "infer": {"engine": "hf"},
-        }
-    )
-    assert choose_engine(spec, spec.infer.engine, "infer.engine") == ("hf", "infer.engine=hf (CPU)")
+    def spec(infer_engine: str):
+        return parse_spec(
+            {
+                "run": {"uri": "unused"},
+                "model": {"name": "unused"},
+                "data": {"source": "unused"},
+                "train": {"engine": "unsloth"},
+                "infer": {"engine": infer_engine},
+            }
+        )
+
+    assert choose_engine(spec("hf"), "infer") == ("hf", "infer.engine=hf (CPU)")
     with pytest.raises(EngineUnavailableError, match=r"infer\.engine=unsloth needs a CUDA GPU"):
-        choose_engine(spec, "unsloth", "infer.engine")
+        choose_engine(spec("unsloth"), "infer")
+    with pytest.raises(EngineUnavailableError, match=r"train\.engine=unsloth needs a CUDA GPU"):
+        choose_engine(spec("hf"))  # training still follows train.engine

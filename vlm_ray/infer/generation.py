@@ -183,11 +183,14 @@ DECODE_THREADS = 4  # PIL releases the GIL while decoding: a few threads decode 
 class _Prepared:
     """One batch after decoding and the processor: the rows that made it, and why the others did not."""
 
-    ok: list[int]
-    images: dict[int, Any]
+    images: dict[int, Any]  # the rows whose image decoded, in batch order
     errors: dict[int, str]
     inputs: Any = None
     failure: Exception | None = None  # the processor failed on the whole batch
+
+    @property
+    def ok(self) -> list[int]:
+        return list(self.images)
 
 
 def _prepare_batch(
@@ -196,15 +199,16 @@ def _prepare_batch(
     decoded = dict(
         zip(batch, decoders.map(_try_decode, [rows[i]["image"] for i in batch]), strict=True)
     )
-    errors = {i: d.message for i, d in decoded.items() if isinstance(d, _DecodeError)}
-    ok = [i for i in batch if i not in errors]
-    prepared = _Prepared(ok, {i: decoded[i] for i in ok}, errors)
-    if ok:
+    prepared = _Prepared(
+        images={i: d for i, d in decoded.items() if not isinstance(d, _DecodeError)},
+        errors={i: d.message for i, d in decoded.items() if isinstance(d, _DecodeError)},
+    )
+    if prepared.images:
         try:
             prepared.inputs = prepare_inputs(
                 processor,
-                [prepared.images[i] for i in ok],
-                [prompt_messages(rows[i]) for i in ok],
+                list(prepared.images.values()),
+                [prompt_messages(rows[i]) for i in prepared.images],
                 device,
             )
         except Exception as err:  # retried row by row, so one bad row cannot fail the batch

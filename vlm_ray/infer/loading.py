@@ -101,8 +101,7 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
     from vlm_ray.train.engine import choose_engine
 
     prefer_fast_attention_kernels()
-    field = "infer.engine" if spec.infer.engine else "train.engine"
-    engine, why = choose_engine(spec, spec.infer.engine, field)
+    engine, why = choose_engine(spec, "infer")
     endpoint = spec.run.s3_endpoint_url
     model_path = resolve_model_path(ref.model_uri, endpoint)
     adapter_path = resolve_model_path(ref.adapter_uri, endpoint) if ref.adapter_uri else None

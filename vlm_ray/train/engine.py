@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from vlm_ray.config import JobSpec
 
 
@@ -17,17 +19,17 @@ def _unsloth_importable() -> tuple[bool, str]:
     return True, ""
 
 
-def choose_engine(
-    spec: JobSpec, wanted: str | None = None, field: str = "train.engine"
-) -> tuple[str, str]:
+def choose_engine(spec: JobSpec, stage: Literal["train", "infer"] = "train") -> tuple[str, str]:
     """("unsloth" | "hf", why): Unsloth on a CUDA GPU when importable (engine=auto), else transformers+PEFT.
 
-    wanted/field: the setting that decides and its name in the spec (default train.engine;
-    the infer stage passes infer.engine when it is set).
+    The setting that decides is train.engine, or for stage "infer" infer.engine when it is set;
+    messages name that setting.
     """
     import torch
 
-    wanted = wanted or spec.train.engine
+    wanted, field = spec.train.engine, "train.engine"
+    if stage == "infer" and spec.infer.engine:
+        wanted, field = spec.infer.engine, "infer.engine"
     has_gpu = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if has_gpu else None
     if wanted == "hf":
