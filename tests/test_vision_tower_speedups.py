@@ -89,3 +89,27 @@ def test_patch_embedding_as_a_matmul_gives_the_conv3d_result(tiny_qwen2_vl):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # the weights stay where they were: saving and LoRA targeting see the same parameters
     assert [n for n, _ in embed.named_parameters()] == ["proj.weight"]
+
+
+def test_infer_compile_vision_compiles_every_block_and_keeps_the_result(tmp_path, tiny_qwen2_vl):
+    from test_infer_loading import infer_spec
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_ray.infer.loading import load_for_inference, resolve_model_ref
+    from vlm_ray.models.compiled_vision import vision_blocks
+
+    spec = infer_spec(str(tmp_path / "run"), tiny_qwen2_vl, infer={"compile_vision": True})
+    model, processor, note = load_for_inference(spec, resolve_model_ref(spec, "base"))
+    plain = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl).eval()
+    assert "vision blocks compiled" in note
+    blocks = vision_blocks(model)
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is None for b in vision_blocks(plain))
+
+    images = [_image(i, 56, 56) for i in range(3)]
+    messages = [prompt_messages({"prompt": PROMPT, "messages": None})] * len(images)
+    batch = prepare_inputs(processor, images, messages)
+    with torch.no_grad():
+        got = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        expected = plain.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=1e-4, atol=1e-5)

@@ -303,6 +303,13 @@ class InferSpec(_Section):
             "(docs/benchmarks.md)."
         ),
     )
+    compile_vision: bool = Field(
+        False,
+        description=(
+            "torch.compile the vision tower's blocks (fuses its elementwise work; compiles once "
+            "per process and input shape, tens of seconds)."
+        ),
+    )
     image_column: str | None = Field(
         None,
         description="Image column of infer.source (default: data.image_column; image folders need none).",

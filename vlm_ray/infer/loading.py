@@ -17,6 +17,8 @@ from typing import Any
 
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
+from vlm_ray.models.compiled_vision import compile_vision_blocks
+from vlm_ray.models.gqa_decode_attention import enable_gqa_decode_attention
 from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
 from vlm_ray.models.patch_embed_matmul import run_patch_embeddings_as_matmul
 from vlm_ray.models.remote_code import check_remote_code
@@ -116,6 +118,10 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
         why += "; vision attention batched per layer"
     if run_patch_embeddings_as_matmul(model):
         why += "; patch embedding as a matmul"
+    if enable_gqa_decode_attention(model):
+        why += "; decoding attention per KV head"
+    if spec.infer.compile_vision and compile_vision_blocks(model):
+        why += "; vision blocks compiled"
     note = f"{engine} ({why}); model {ref.model_uri}" + (
         f" + adapter {ref.adapter_uri}" if ref.adapter_uri else ""
     )
