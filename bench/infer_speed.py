@@ -21,7 +21,8 @@ so every setup generates exactly 32 tokens per image. Images: 448x448 PNGs (256 
      --batch, timed per phase (processor, vision tower, prefill, decode) and profiled
   p  plain HF under torch.profiler, and a static KV cache attempt
 
-BENCH_CACHE=static sets generation.cache_implementation for modes c and s.
+BENCH_CACHE=static sets generation.cache_implementation for modes c and s, and
+BENCH_COMPILE_VISION=1 sets infer.compile_vision.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ REAL_VOCAB = {"2b": 151936, "7b": 152064}
 PROMPT = "Read the number in this image."
 NEW_TOKENS = 32
 CACHE = os.environ.get("BENCH_CACHE") or None  # generation.cache_implementation in modes c and s
+COMPILE_VISION = os.environ.get("BENCH_COMPILE_VISION") == "1"  # infer.compile_vision in c and s
 
 
 def build_model(shape: str, out: Path) -> Path:
@@ -197,6 +199,7 @@ def bench_spec(run_uri: str, model_dir: Path, engine: str, batch: int) -> dict:
         "model": {"name": str(model_dir), "max_seq_length": 4096},
         "data": {"source": "unused"},
         "train": {"engine": engine},
+        "infer": {"compile_vision": COMPILE_VISION},
         "generation": {
             "max_new_tokens": NEW_TOKENS,
             "batch_size": batch,
@@ -205,12 +208,13 @@ def bench_spec(run_uri: str, model_dir: Path, engine: str, batch: int) -> dict:
     }
 
 
-def mode_s(model_dir: Path, size: int, bs: int, engine: str) -> dict:
+def mode_s(model_dir: Path, size: int, bs: int, engine: str, profile_dir: Path | None) -> dict:
     """Where our stage's time goes: its own loading and generation code on one batch, phase by phase.
 
     Phases (device synchronised around each): the processor on the GPU, the vision tower alone,
     prefill (generate with one new token), and the whole generate; then predict_table over two
-    batches (decoding and preprocessing overlapped), and torch.profiler tables of one prefill.
+    batches (decoding and preprocessing overlapped), and torch.profiler tables of one prefill
+    and of one whole generate (printed, and written under profile_dir when given).
     """
     import pyarrow as pa
     import torch
@@ -248,7 +252,7 @@ def mode_s(model_dir: Path, size: int, bs: int, engine: str) -> dict:
     kwargs = generation_kwargs(spec.generation)
     one = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
     inputs = prepare_inputs(processor, imgs, msgs, device)
-    generate_batch(model, processor, inputs, kwargs)  # warm-up (compilation, allocator)
+    _, warmup_s = timed(lambda: generate_batch(model, processor, inputs, kwargs))  # compiles
     inputs, prep_s = timed(lambda: prepare_inputs(processor, imgs, msgs, device))
     inputs = inputs.to(model.device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -263,17 +267,28 @@ def mode_s(model_dir: Path, size: int, bs: int, engine: str) -> dict:
     table = pa.Table.from_pylist(rows)
     _, table_s = timed(lambda: predict_table(model, processor, table, spec.generation))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        generate_batch(model, processor, inputs, one)
-        if cuda:
-            torch.cuda.synchronize()
     key = "cuda_time_total" if cuda else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+    tables = []
+    for what, gen_kwargs in (("prefill (1 new token)", one), (f"generate ({NEW_TOKENS})", kwargs)):
+        with profile(activities=activities) as prof:
+            generate_batch(model, processor, inputs, gen_kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+        for sort in dict.fromkeys([key, "cpu_time_total"]):
+            table = prof.key_averages().table(sort_by=sort, row_limit=30)
+            tables.append(f"## {what}, batch {bs}, by {sort}\n{table}")
+    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_bs{bs}"
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        (profile_dir / f"profile_s_{label}.txt").write_text("\n".join(tables))
+    else:
+        print("\n".join(tables), flush=True)
     return {
         "mode": "s",
         "engine": note,
         "batch": bs,
+        "compile_vision": COMPILE_VISION,
+        "warmup_generate_s": round(warmup_s, 1),
         "processor_s": round(prep_s, 3),
         "vision_tower_s": round(vision_s, 3),
         "prefill_s": round(prefill_s, 3),
@@ -403,6 +418,7 @@ def main() -> None:
     p.add_argument("--cpus-per-actor", type=int, default=4)
     p.add_argument("--engine", default="auto", choices=["auto", "hf", "unsloth"])
     p.add_argument("--out", default="infer_speed.jsonl")
+    p.add_argument("--profile-dir", type=Path, help="mode s: write its profiler tables here")
     p.add_argument("--run-mode", help=argparse.SUPPRESS)  # internal: one mode in this process
     a = p.parse_args()
     model_dir = Path(f"/tmp/infer_bench_{a.shape}")
@@ -427,7 +443,7 @@ def main() -> None:
     elif a.run_mode == "p":
         res = mode_p(model_dir, a.size, a.batch)
     elif a.run_mode == "s":
-        res = mode_s(model_dir, a.size, a.batch, a.engine)
+        res = mode_s(model_dir, a.size, a.batch, a.engine, a.profile_dir)
     elif a.run_mode == "c":
         res = mode_c(
             model_dir,
@@ -444,6 +460,7 @@ def main() -> None:
     res.update(
         cudnn_sdp=os.environ.get("BENCH_CUDNN_SDP", "on"),
         cache=CACHE or "dynamic",
+        compile_vision=COMPILE_VISION,
         shape=a.shape,
         size=a.size,
         new_tokens=NEW_TOKENS,
