@@ -65,13 +65,3 @@ def test_grouped_decoding_matches_transformers_sdpa_with_padding(
     assert fallback_q_lens and all(q > 1 for q in fallback_q_lens)
     assert torch.equal(got_ids, expected_ids)
     torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
-
-
-def test_models_whose_language_model_is_not_on_sdpa_are_left_alone(tiny_generator):
-    model, _ = tiny_generator
-    model.set_attn_implementation({"text_config": "eager"})
-    try:
-        assert not gqa.enable_gqa_decode_attention(model)
-        assert model.config.text_config._attn_implementation == "eager"
-    finally:
-        model.set_attn_implementation({"text_config": "sdpa"})

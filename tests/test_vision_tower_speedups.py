@@ -1,4 +1,4 @@
-"""The vision tower run faster gives what transformers gives: batched attention, patch embedding as a matmul."""
+"""The vision tower run faster gives what transformers gives: batched attention, patch embedding as a matmul, compiled blocks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import vlm_ray.models.gqa_decode_attention as gqa
 import vlm_ray.models.packed_vision_attention as packed
 from vlm_ray.infer.generation import prepare_inputs, prompt_messages
 
@@ -61,14 +62,22 @@ def test_packed_attention_matches_transformers_sdpa(model_and_processor, sizes, 
     assert torch.equal(got_ids, expected_ids)
 
 
-def test_models_on_eager_or_flash_attention_are_left_alone(model_and_processor):
+@pytest.mark.parametrize(
+    ("sub_config", "enable"),
+    [
+        ("vision_config", packed.enable_packed_vision_attention),
+        ("text_config", gqa.enable_gqa_decode_attention),
+    ],
+    ids=["packed vision attention", "per-KV-head decoding attention"],
+)
+def test_models_on_eager_attention_are_left_alone(model_and_processor, sub_config, enable):
     model, _ = model_and_processor
-    model.set_attn_implementation({"vision_config": "eager"})
+    model.set_attn_implementation({sub_config: "eager"})
     try:
-        assert not packed.enable_packed_vision_attention(model)
-        assert model.config.vision_config._attn_implementation == "eager"
+        assert not enable(model)
+        assert getattr(model.config, sub_config)._attn_implementation == "eager"
     finally:
-        model.set_attn_implementation({"vision_config": "sdpa"})
+        model.set_attn_implementation({sub_config: "sdpa"})
 
 
 def test_patch_embedding_as_a_matmul_gives_the_conv3d_result(tiny_qwen2_vl):
