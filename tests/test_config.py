@@ -51,6 +51,11 @@ def test_defaults_follow_unsloth_notebook_values() -> None:
         ),
         ({"train": {"bf16": True, "fp16": True}}, "train", "bf16 and fp16 cannot both be true"),
         (
+            {"generation": {"max_cache_len": 2048}},
+            "generation",
+            "max_cache_len applies to cache_implementation: static only",
+        ),
+        (
             {"data": {"source": "x", "image_min_size": 900, "image_max_size": 400}},
             "data",
             "image_min_size (900) is larger",

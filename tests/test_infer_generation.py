@@ -158,18 +158,17 @@ def test_generate_runs_only_while_the_callers_gpu_lock_is_held(tiny, monkeypatch
     assert all(r["error"] is None for r in records)
 
 
-def test_a_static_kv_cache_predicts_what_the_dynamic_cache_predicts(tiny):
+@pytest.mark.parametrize("max_cache_len", [None, 600], ids=["sized by the batch", "preallocated"])
+def test_a_static_kv_cache_predicts_what_the_dynamic_cache_predicts(tiny, max_cache_len):
     model, processor = tiny
     table = pa.Table.from_pylist(_rows([(84, 56), (56, 56), (84, 56)]))
     dynamic = predict_table(model, processor, table, GREEDY)
-    static = predict_table(
-        model, processor, table, GREEDY.model_copy(update={"cache_implementation": "static"})
+    static_spec = GREEDY.model_copy(
+        update={"cache_implementation": "static", "max_cache_len": max_cache_len}
     )
-    assert (
-        generation_kwargs(GREEDY.model_copy(update={"cache_implementation": "static"}))[
-            "cache_implementation"
-        ]
-        == "static"
-    )
+    static = predict_table(model, processor, table, static_spec)
+    kwargs = generation_kwargs(static_spec)
+    assert kwargs["cache_implementation"] == "static"
+    assert kwargs.get("max_cache_len") == max_cache_len
     assert [r["prediction"] for r in static] == [r["prediction"] for r in dynamic]
     assert all(r["error"] is None for r in static)

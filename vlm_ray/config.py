@@ -276,6 +276,22 @@ class GenerationSpec(_Section):
             "(docs/benchmarks.md)."
         ),
     )
+    max_cache_len: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "With the static cache: preallocate it for this many tokens (the longest prompt, image "
+            "tokens included, plus max_new_tokens), so that longer prompts later in a job reuse it "
+            "instead of reallocating it and compiling again. Default: sized by the first batch, "
+            "grown when a longer one comes."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _cache_len_needs_static_cache(self) -> GenerationSpec:
+        if self.max_cache_len is not None and self.cache_implementation != "static":
+            raise ValueError("max_cache_len applies to cache_implementation: static only")
+        return self
 
 
 class InferSpec(_Section):

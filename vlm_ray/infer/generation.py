@@ -34,6 +34,8 @@ def generation_kwargs(gen: GenerationSpec) -> dict[str, Any]:
         kwargs["repetition_penalty"] = gen.repetition_penalty
     if gen.cache_implementation is not None:
         kwargs["cache_implementation"] = gen.cache_implementation
+    if gen.max_cache_len is not None:
+        kwargs["max_cache_len"] = gen.max_cache_len
     if gen.do_sample:
         kwargs["temperature"] = gen.temperature
         if gen.min_p is not None:
