@@ -38,10 +38,8 @@ def test_unsloth_engine_merges_a_16bit_adapter_and_predicts_what_peft_predicts(
     tiny_qwen2_vl, tmp_path
 ):
     pytest.importorskip("unsloth")
-    import torch
     from peft import PeftModel
-    from PIL import Image
-    from test_infer_loading import write_random_adapter
+    from test_infer_loading import first_logits, write_random_adapter
     from transformers import AutoModelForImageTextToText
 
     from vlm_ray.infer.loading import load_for_inference, resolve_model_ref
@@ -53,21 +51,12 @@ def test_unsloth_engine_merges_a_16bit_adapter_and_predicts_what_peft_predicts(
     assert note.startswith("unsloth (") and "+ adapter" in note
     assert not [n for n, _ in tuned.named_parameters() if "lora_" in n], "merged into the base"
 
-    image = Image.new("RGB", (56, 56), "white")
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Read."}, {"type": "image"}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    batch = processor(text=[text], images=[[image]], return_tensors="pt")
-
-    def last_logits(model):
-        with torch.no_grad():
-            return model(**batch.to(model.device)).logits[0, -1].float()
-
     reference = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=tuned.dtype)
     reference = reference.to(tuned.device).eval()
-    base = last_logits(reference)
-    unmerged = last_logits(
-        PeftModel.from_pretrained(reference, store.local_path(layout.ADAPTER)).eval()
+    base = first_logits(reference, processor)
+    unmerged = first_logits(
+        PeftModel.from_pretrained(reference, store.local_path(layout.ADAPTER)).eval(), processor
     )
-    merged = last_logits(tuned)
+    merged = first_logits(tuned, processor)
     # bf16 rounding differs between a merged weight and base + LoRA, far less than the adapter's effect
     assert (merged - unmerged).abs().max() < 0.1 * (unmerged - base).abs().max()

@@ -46,13 +46,14 @@ def write_random_adapter(store: Store, base: Path, workdir: Path) -> None:
     )
 
 
-def _first_logits(model, processor) -> torch.Tensor:
+def first_logits(model, processor) -> torch.Tensor:
+    """The model's float32 next-token logits after one white image and a short prompt, on its device."""
     image = Image.new("RGB", (56, 56), "white")
     messages = [{"role": "user", "content": [{"type": "text", "text": "Read."}, {"type": "image"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    batch = processor(text=[text], images=[[image]], return_tensors="pt")
+    batch = processor(text=[text], images=[[image]], return_tensors="pt").to(model.device)
     with torch.no_grad():
-        return model(**batch).logits[0, -1]
+        return model(**batch).logits[0, -1].float()
 
 
 def test_base_tag_is_model_name_and_finetuned_is_what_model_info_names(tmp_path, tiny_qwen2_vl):
@@ -107,10 +108,10 @@ def test_the_adapter_is_loaded_on_its_base_and_changes_the_output(tmp_path, tiny
     expected_model = PeftModel.from_pretrained(
         AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl), store.local_path(layout.ADAPTER)
     ).eval()
-    base_logits = _first_logits(base, processor)
-    tuned_logits = _first_logits(tuned, processor)
+    base_logits = first_logits(base, processor)
+    tuned_logits = first_logits(tuned, processor)
     assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
-    assert torch.allclose(tuned_logits, _first_logits(expected_model, processor), atol=1e-4)
+    assert torch.allclose(tuned_logits, first_logits(expected_model, processor), atol=1e-4)
 
 
 def test_a_model_folder_that_needs_remote_code_is_refused_naming_model_trust_remote_code(tmp_path):
