@@ -21,8 +21,9 @@ so every setup generates exactly 32 tokens per image. Images: 448x448 PNGs (256 
      --batch, timed per phase (processor, vision tower, prefill, decode) and profiled
   p  plain HF under torch.profiler, and a static KV cache attempt
 
-BENCH_CACHE=static sets generation.cache_implementation for modes c and s, and
-BENCH_COMPILE_VISION=1 sets infer.compile_vision.
+BENCH_CACHE=static sets generation.cache_implementation for modes c and s,
+BENCH_COMPILE_VISION=1 sets infer.compile_vision, and BENCH_FP8=vision|all sets infer.fp8 (mode s
+then also measures how close the float8 model's first-token logits stay to bf16's).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ PROMPT = "Read the number in this image."
 NEW_TOKENS = 32
 CACHE = os.environ.get("BENCH_CACHE") or None  # generation.cache_implementation in modes c and s
 COMPILE_VISION = os.environ.get("BENCH_COMPILE_VISION") == "1"  # infer.compile_vision in c and s
+FP8 = os.environ.get("BENCH_FP8") or "off"  # infer.fp8 in c and s
 
 
 def build_model(shape: str, out: Path) -> Path:
@@ -199,7 +201,7 @@ def bench_spec(run_uri: str, model_dir: Path, engine: str, batch: int) -> dict:
         "model": {"name": str(model_dir), "max_seq_length": 4096},
         "data": {"source": "unused"},
         "train": {"engine": engine},
-        "infer": {"compile_vision": COMPILE_VISION},
+        "infer": {"compile_vision": COMPILE_VISION, "fp8": FP8},
         "generation": {
             "max_new_tokens": NEW_TOKENS,
             "batch_size": batch,
@@ -208,7 +210,36 @@ def bench_spec(run_uri: str, model_dir: Path, engine: str, batch: int) -> dict:
     }
 
 
-def mode_s(model_dir: Path, size: int, bs: int, engine: str, profile_dir: Path | None) -> dict:
+def fp8_fidelity(spec, model, processor, model_dir: Path, rows: list[dict]) -> dict:
+    """How close the float8 model's next-token logits stay to the bf16 model's, over these rows."""
+    import torch
+
+    from vlm_ray.infer.generation import _decode_image, prepare_inputs, prompt_messages
+    from vlm_ray.infer.loading import ModelRef, load_for_inference
+
+    bf16_spec = spec.model_copy(
+        update={"infer": spec.infer.model_copy(update={"fp8": "off", "compile_vision": False})}
+    )
+    reference, _, _ = load_for_inference(bf16_spec, ModelRef("base", str(model_dir)))
+    imgs = [_decode_image(r["image"]) for r in rows]
+    inputs = prepare_inputs(processor, imgs, [prompt_messages(r) for r in rows]).to(model.device)
+    with torch.inference_mode():
+        got = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        want = reference(**inputs, logits_to_keep=1).logits[:, -1].float()
+    del reference
+    torch.cuda.empty_cache()
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+    return {
+        "fp8_rows_compared": len(rows),
+        "fp8_logit_cosine_mean": round(cosine.mean().item(), 5),
+        "fp8_logit_cosine_min": round(cosine.min().item(), 5),
+        "fp8_top1_agreement": round((got.argmax(-1) == want.argmax(-1)).float().mean().item(), 4),
+    }
+
+
+def mode_s(
+    model_dir: Path, size: int, bs: int, engine: str, profile_dir: Path | None, profile_what: str
+) -> dict:
     """Where our stage's time goes: its own loading and generation code on one batch, phase by phase.
 
     Phases (device synchronised around each): the processor on the GPU, the vision tower alone,
@@ -266,10 +297,12 @@ def mode_s(model_dir: Path, size: int, bs: int, engine: str, profile_dir: Path |
     assert all(o.tokens == NEW_TOKENS for o in outs), "every image, 32 tokens"
     table = pa.Table.from_pylist(rows)
     _, table_s = timed(lambda: predict_table(model, processor, table, spec.generation))
+    fidelity = fp8_fidelity(spec, model, processor, model_dir, rows[:32]) if FP8 != "off" else {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     key = "cuda_time_total" if cuda else "cpu_time_total"
     tables = []
-    for what, gen_kwargs in (("prefill (1 new token)", one), (f"generate ({NEW_TOKENS})", kwargs)):
+    profiled = [("prefill (1 new token)", one), (f"generate ({NEW_TOKENS})", kwargs)]
+    for what, gen_kwargs in profiled[: {"none": 0, "prefill": 1, "all": 2}[profile_what]]:
         with profile(activities=activities) as prof:
             generate_batch(model, processor, inputs, gen_kwargs)
             if cuda:
@@ -277,11 +310,11 @@ def mode_s(model_dir: Path, size: int, bs: int, engine: str, profile_dir: Path |
         for sort in dict.fromkeys([key, "cpu_time_total"]):
             table = prof.key_averages().table(sort_by=sort, row_limit=30)
             tables.append(f"## {what}, batch {bs}, by {sort}\n{table}")
-    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_bs{bs}"
-    if profile_dir is not None:
+    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}_bs{bs}"
+    if tables and profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         (profile_dir / f"profile_s_{label}.txt").write_text("\n".join(tables))
-    else:
+    elif tables:
         print("\n".join(tables), flush=True)
     return {
         "mode": "s",
@@ -296,6 +329,7 @@ def mode_s(model_dir: Path, size: int, bs: int, engine: str, profile_dir: Path |
         "decode_ms_per_step": round(1e3 * (generate_s - prefill_s) / (NEW_TOKENS - 1), 2),
         "predict_table_images_per_s": round(len(rows) / table_s, 2),
         "peak_gib": round(torch_peak_gib(), 1) if cuda else None,
+        **fidelity,
     }
 
 
@@ -419,6 +453,12 @@ def main() -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "hf", "unsloth"])
     p.add_argument("--out", default="infer_speed.jsonl")
     p.add_argument("--profile-dir", type=Path, help="mode s: write its profiler tables here")
+    p.add_argument(
+        "--profile",
+        default="all",
+        choices=["all", "prefill", "none"],
+        help="mode s: profile one prefill and one whole generate (all), the prefill only, or none",
+    )
     p.add_argument("--run-mode", help=argparse.SUPPRESS)  # internal: one mode in this process
     a = p.parse_args()
     model_dir = Path(f"/tmp/infer_bench_{a.shape}")
@@ -443,7 +483,7 @@ def main() -> None:
     elif a.run_mode == "p":
         res = mode_p(model_dir, a.size, a.batch)
     elif a.run_mode == "s":
-        res = mode_s(model_dir, a.size, a.batch, a.engine, a.profile_dir)
+        res = mode_s(model_dir, a.size, a.batch, a.engine, a.profile_dir, a.profile)
     elif a.run_mode == "c":
         res = mode_c(
             model_dir,
@@ -461,6 +501,7 @@ def main() -> None:
         cudnn_sdp=os.environ.get("BENCH_CUDNN_SDP", "on"),
         cache=CACHE or "dynamic",
         compile_vision=COMPILE_VISION,
+        fp8=FP8,
         shape=a.shape,
         size=a.size,
         new_tokens=NEW_TOKENS,

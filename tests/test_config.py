@@ -55,6 +55,7 @@ def test_defaults_follow_unsloth_notebook_values() -> None:
             "generation",
             "max_cache_len applies to cache_implementation: static only",
         ),
+        ({"infer": {"fp8": "e5m2"}}, "infer.fp8", "'off', 'vision' or 'all'"),
         (
             {"data": {"source": "x", "image_min_size": 900, "image_max_size": 400}},
             "data",

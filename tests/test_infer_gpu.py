@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 from test_infer_loading import infer_spec
 
 from vlm_ray import layout
@@ -60,3 +61,46 @@ def test_unsloth_engine_merges_a_16bit_adapter_and_predicts_what_peft_predicts(
     merged = first_logits(tuned, processor)
     # bf16 rounding differs between a merged weight and base + LoRA, far less than the adapter's effect
     assert (merged - unmerged).abs().max() < 0.1 * (unmerged - base).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("scope", "compile_vision"), [("vision", False), ("all", True)], ids=["vision", "all+compiled"]
+)
+def test_fp8_layers_run_in_float8_and_stay_close_to_bf16(
+    scope, compile_vision, tiny_qwen2_vl, tmp_path
+):
+    pytest.importorskip("torchao")
+    import torch
+    from test_infer_loading import first_logits
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_ray.infer.generation import generate_batch, prepare_inputs, prompt_messages
+    from vlm_ray.infer.loading import load_for_inference, resolve_model_ref
+    from vlm_ray.models.fp8_linear import fp8_target_linears
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 GEMMs need compute capability 8.9+")
+    spec = infer_spec(
+        str(tmp_path / "run"),
+        tiny_qwen2_vl,
+        infer={"engine": "hf", "fp8": scope, "compile_vision": compile_vision},
+    )
+    model, processor, note = load_for_inference(spec, resolve_model_ref(spec, "base"))
+    reference = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16)
+    reference = reference.to("cuda").eval()
+    assert f"float8 linear layers ({scope})" in note
+    in_float8 = {
+        name
+        for name, module in model.named_modules()
+        if "Float8" in type(getattr(module, "weight", None)).__name__
+    }
+    assert in_float8 == set(fp8_target_linears(reference, scope))
+
+    got, want = first_logits(model, processor), first_logits(reference, processor)
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.98
+    images = [Image.new("RGB", (56, 56), colour) for colour in ("white", "black", "red")]
+    messages = [prompt_messages({"prompt": "Read.", "messages": None})] * len(images)
+    inputs = prepare_inputs(processor, images, messages, "cuda")
+    outs = generate_batch(model, processor, inputs, {"max_new_tokens": 4, "min_new_tokens": 4})
+    assert [o.tokens for o in outs] == [4, 4, 4]

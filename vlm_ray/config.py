@@ -328,6 +328,15 @@ class InferSpec(_Section):
             "1.39 to 0.84 s per 256 images (docs/benchmarks.md)."
         ),
     )
+    fp8: Literal["off", "vision", "all"] = Field(
+        "off",
+        description=(
+            "Run linear layers as float8 GEMMs (torchao, per-row scales; CUDA compute capability "
+            "8.9+, the transformers engine only): 'vision' the vision tower's blocks, 'all' every "
+            "linear layer but the output head. Faster prefill; outputs close to bf16's, not equal "
+            "(docs/benchmarks.md has speed and fidelity)."
+        ),
+    )
     image_column: str | None = Field(
         None,
         description="Image column of infer.source (default: data.image_column; image folders need none).",

@@ -18,6 +18,7 @@ from typing import Any
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
 from vlm_ray.models.compiled_vision import compile_vision_blocks
+from vlm_ray.models.fp8_linear import check_fp8_device, quantize_linears_to_fp8
 from vlm_ray.models.gqa_decode_attention import enable_gqa_decode_attention
 from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
 from vlm_ray.models.patch_embed_matmul import run_patch_embeddings_as_matmul
@@ -110,6 +111,16 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
     processor_path = adapter_path if adapter_path and _has_processor(adapter_path) else model_path
     # Before from_pretrained: code shipped in the folder runs only with model.trust_remote_code=true.
     check_remote_code(ref.model_uri, model_path, spec.model.trust_remote_code)
+    fp8 = spec.infer.fp8
+    if fp8 != "off":
+        # Both checks before minutes of loading: the answer does not depend on the weights.
+        if engine != "hf":
+            raise ValueError(
+                f"infer.fp8: {fp8!r} runs on the transformers engine only (Unsloth's kernels "
+                f"read the weights directly); this job resolved to {engine} ({why}). "
+                "Set infer.engine: hf, or infer.fp8: off."
+            )
+        check_fp8_device(fp8)
     if engine == "unsloth":
         model, processor = _load_unsloth(spec, model_path, adapter_path)
     else:
@@ -120,6 +131,8 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
         why += "; patch embedding as a matmul"
     if enable_gqa_decode_attention(model):
         why += "; decoding attention per KV head"
+    if fp8 != "off" and quantize_linears_to_fp8(model, fp8):
+        why += f"; float8 linear layers ({fp8})"
     if spec.infer.compile_vision and compile_vision_blocks(model):
         why += "; vision blocks compiled"
     note = f"{engine} ({why}); model {ref.model_uri}" + (

@@ -1,0 +1,99 @@
+"""Linear layers in float8 for inference (spec infer.fp8), through torchao.
+
+Why: with the vision blocks compiled and the static KV cache, a 2B Qwen2-VL's batched
+inference is bound by its prefill, and the prefill by bf16 GEMMs that already run at ~75% of an
+H100's dense bf16 peak (docs/benchmarks.md, inference run 3). Hopper-class GPUs (compute
+capability 8.9 and newer) run float8 GEMMs at twice that peak, so this is the lever left there.
+
+How: torchao's `Float8DynamicActivationFloat8WeightConfig` with per-row scales: each weight is
+quantized once, at load, with one scale per output channel; each activation per token at run time
+(fused into its neighbours where the block is compiled). The numerics change: outputs are close to
+bf16's, not equal, so it is opt-in and its fidelity is measured beside its speed.
+
+Scopes: "vision" quantizes the vision tower's blocks (where most of the FLOPs of an image are);
+"all" also every other linear layer except the output head (the vocabulary projection stays in
+bf16, as serving engines keep it: its errors would go straight into the token choice).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from vlm_ray.models.compiled_vision import vision_blocks
+
+log = logging.getLogger(__name__)
+
+Fp8Scope = Literal["vision", "all"]
+# float8 GEMMs (torch._scaled_mm) need both matrix dimensions divisible by 16.
+_ALIGN = 16
+
+
+def _unwrapped(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def fp8_target_linears(model: Any, scope: Fp8Scope) -> list[str]:
+    """Qualified names (relative to the unwrapped model) of the nn.Linear layers `scope` quantizes.
+
+    Layers whose in/out features are not multiples of 16 are left in bf16 (float8 GEMMs need
+    them aligned), as is the output head.
+    """
+    import torch
+
+    base = _unwrapped(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    in_vision = {id(m) for block in vision_blocks(base) for m in block.modules()}
+    names = []
+    for name, module in base.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if scope == "vision" and id(module) not in in_vision:
+            continue
+        if module.in_features % _ALIGN or module.out_features % _ALIGN:
+            continue
+        names.append(name)
+    return names
+
+
+def check_fp8_device(scope: str) -> None:
+    """Raise a ValueError naming infer.fp8 unless this process has a CUDA GPU that runs float8 GEMMs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"infer.fp8: {scope!r} needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, "
+            "L4, L40S); this process has no CUDA device. Set infer.fp8: off for CPU inference."
+        )
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 9):
+        raise ValueError(
+            f"infer.fp8: {scope!r} needs compute capability 8.9 or newer; "
+            f"{torch.cuda.get_device_name()} has {capability[0]}.{capability[1]}. "
+            "Set infer.fp8: off on this GPU."
+        )
+
+
+def quantize_linears_to_fp8(model: Any, scope: Fp8Scope) -> int:
+    """Quantize the layers fp8_target_linears names to float8 in place; returns how many.
+
+    Call after any adapter is merged (a LoRA layer is not an nn.Linear to torchao) and before the
+    vision blocks are compiled (so that compilation sees the float8 weights).
+    """
+    check_fp8_device(scope)
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    base = _unwrapped(model)
+    names = set(fp8_target_linears(base, scope))
+    if not names:
+        log.warning("infer.fp8=%s: no linear layer of this model qualifies; left in bf16", scope)
+        return 0
+    quantize_(
+        base,
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        filter_fn=lambda module, fqn: fqn in names,
+    )
+    log.info(
+        "infer.fp8=%s: %d linear layers quantized to float8 (per-row scales)", scope, len(names)
+    )
+    return len(names)
