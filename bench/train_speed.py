@@ -510,7 +510,11 @@ def main() -> None:
     p.add_argument("--label", default="", help="suffix of the result keys, e.g. '[bs16]'")
     p.add_argument("--no-split", action="store_true", help="skip the bare-step checks in 'unsloth'")
     p.add_argument("--model-dir", default=None, help="default: /tmp/bench_qwen2_vl_<shape>")
-    p.add_argument("--out", default="train_speed.json")
+    p.add_argument(
+        "--out",
+        default="train_speed.json",
+        help='JSON {"invocations": [...]}; an existing file keeps its invocations, this one is added',
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     model_dir = Path(a.model_dir or f"/tmp/bench_qwen2_vl_{a.shape}")
@@ -531,6 +535,9 @@ def main() -> None:
     results: dict[str, dict] = {}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Several invocations may share one --out (one per variant, in one device call): keep theirs.
+    previous = json.loads(out.read_text()) if out.exists() else {"invocations": []}
+    earlier = previous.get("invocations", [previous])  # a file from before: one bare record
     for mode in a.modes.split(","):
         print(f"--- {mode} ({a.shape})", flush=True)
         key = mode + a.label
@@ -550,7 +557,7 @@ def main() -> None:
             "table": table,
         }
         # written after every mode, so a call cut off at its time limit keeps what it measured
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        out.write_text(json.dumps({"invocations": [*earlier, record]}, indent=2) + "\n")
     print(table, flush=True)
 
 
