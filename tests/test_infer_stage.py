@@ -165,3 +165,22 @@ def test_any_image_folder_is_captioned_and_each_unreadable_file_is_an_error_reco
     assert manifest["input"].endswith("infer_input/all")
     assert manifest["rows"] == prepared["rows_in"] == 5 and manifest["errors"] == 2
     assert manifest["input_quarantined"] == 2
+
+
+def test_float8_weights_make_other_predictions_but_batch_size_and_compilation_do_not(tmp_path):
+    from vlm_ray.infer.loading import ModelRef
+    from vlm_ray.stages.infer import predictions_fingerprint
+
+    ref = ModelRef("base", "org/model")
+
+    def fingerprint(**sections) -> str:
+        spec = infer_spec(str(tmp_path / "run"), "org/model", **sections)
+        return predictions_fingerprint(spec, ref, "prepared/heldout")
+
+    plain = fingerprint()
+    assert fingerprint(generation={"batch_size": 64}) == plain
+    assert fingerprint(infer={"compile_vision": True}) == plain
+    assert fingerprint(infer={"fp8": "off"}) == plain
+    assert (
+        len({plain, fingerprint(infer={"fp8": "vision"}), fingerprint(infer={"fp8": "all"})}) == 3
+    )

@@ -90,10 +90,11 @@ def shard_tasks(
 def predictions_fingerprint(spec: JobSpec, ref: ModelRef, prefix: str) -> str:
     """What makes predictions comparable: the weights, the input and the generation settings."""
     gen = spec.generation.model_dump(exclude={"batch_size"})  # batch size changes speed, not output
-    blob = json.dumps(
-        {"model": ref.model_uri, "adapter": ref.adapter_uri, "input": prefix, "generation": gen},
-        sort_keys=True,
-    )
+    key = {"model": ref.model_uri, "adapter": ref.adapter_uri, "input": prefix, "generation": gen}
+    if spec.infer.fp8 != "off":
+        # float8 weights are other weights. Only when set, so bf16 folders keep their fingerprint.
+        key["fp8"] = spec.infer.fp8
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
