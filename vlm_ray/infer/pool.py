@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,26 +214,40 @@ def _check_fits(spec: JobSpec, gpus: int) -> None:
 
 
 class _Progress:
-    """A log line every PROGRESS_EVERY_S with shards done and images/s."""
+    """A log line every PROGRESS_EVERY_S: shards and images done, images/s overall and since the
+    last line (the steady rate, once the actors have loaded and compiled), and the time left at
+    the recent rate."""
 
-    def __init__(self, tag: str, total: int):
-        self.tag, self.total = tag, total
-        self.start = self.last = time.time()
-        self.shards = self.rows = self.errors = 0
+    def __init__(self, tag: str, total: int, clock: Callable[[], float] = time.time):
+        self.tag, self.total, self.clock = tag, total, clock
+        self.start = self.last = clock()
+        self.shards = self.rows = self.errors = self.rows_at_last = 0
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: dict[str, Any]) -> str | None:
+        """Count one finished shard; returns the line when one is logged."""
         self.shards += 1
         self.rows += record["rows"]
         self.errors += record["errors"]
-        now = time.time()
-        if now - self.last >= PROGRESS_EVERY_S or self.shards == self.total:
-            self.last = now
-            log.info(
-                "infer[%s]: %d/%d shards, %d images (%d errors), %.2f images/s",
-                self.tag,
-                self.shards,
-                self.total,
-                self.rows,
-                self.errors,
-                self.rows / max(now - self.start, 1e-9),
-            )
+        now = self.clock()
+        if now - self.last < PROGRESS_EVERY_S and self.shards < self.total:
+            return None
+        recent = (self.rows - self.rows_at_last) / max(now - self.last, 1e-9)
+        line = (
+            f"infer[{self.tag}]: {self.shards}/{self.total} shards, {self.rows} images "
+            f"({self.errors} errors), {self.rows / max(now - self.start, 1e-9):.2f} images/s"
+        )
+        if self.shards < self.total:
+            left = (self.total - self.shards) * self.rows / self.shards
+            line += f" ({recent:.2f} recently), {_duration(left / max(recent, 1e-9))} left"
+        self.last, self.rows_at_last = now, self.rows
+        log.info(line)
+        return line
+
+
+def _duration(seconds: float) -> str:
+    """Roughly, for a person: '~40 s', '~12 min', '~3.5 h'."""
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
