@@ -184,3 +184,17 @@ def test_float8_weights_make_other_predictions_but_batch_size_and_compilation_do
     assert (
         len({plain, fingerprint(infer={"fp8": "vision"}), fingerprint(infer={"fp8": "all"})}) == 3
     )
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks clusters without GPUs")
+def test_float8_on_a_cluster_without_gpus_fails_before_any_actor_starts(
+    ray_cluster, write_prepared, tiny_qwen2_vl, tmp_path
+):
+    from vlm_ray.stages.infer import run_infer
+
+    store = LocalStore(tmp_path / "run")
+    write_prepared(store, rows=2, heldout=2, rows_per_shard=2)
+    spec = infer_spec(store.uri, tiny_qwen2_vl, infer={"fp8": "vision"})
+    with pytest.raises(ValueError, match=r"infer\.fp8='vision' needs GPUs .* no GPUs"):
+        run_infer(spec, models=["base"])
+    assert not list(store.list(layout.predictions_dir("base")))

@@ -202,7 +202,14 @@ def run_pool(
 
 
 def _check_fits(spec: JobSpec, gpus: int) -> None:
-    """Fail now, naming the field, when no node could ever host one actor (Ray would wait forever)."""
+    """Fail now, naming the field, when no node could ever host one actor (Ray would wait forever),
+    or when the actors could only fail (float8 on a cluster without GPUs: each restart would
+    load the model again before failing)."""
+    if spec.infer.fp8 != "off" and not gpus:
+        raise ValueError(
+            f"infer.fp8={spec.infer.fp8!r} needs GPUs of compute capability 8.9 or newer, and this "
+            "Ray cluster has no GPUs; set infer.fp8: off or submit to a GPU cluster"
+        )
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     cpus, want_gpus = spec.ray.num_cpus_per_worker, spec.ray.num_gpus_per_worker if gpus else 0
     if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= want_gpus for n in nodes):
