@@ -224,6 +224,14 @@ class TrainSpec(_Section):
     )
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept in object storage.")
     dataloader_num_workers: int = Field(0, ge=0)
+    tf32: bool | None = Field(
+        None,
+        description=(
+            "TF32 for float32 matmuls (Ampere or newer GPUs): the float32 work around a bf16 "
+            "model (LoRA weights kept in float32 over quantized layers, upcast logits) runs on "
+            "tensor cores at slightly lower precision. Default: the library's choice."
+        ),
+    )
     pad_to_multiple_of: int | None = Field(
         None,
         ge=1,

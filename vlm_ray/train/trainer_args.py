@@ -13,7 +13,16 @@ def common_trainer_kwargs(
 ) -> dict[str, Any]:
     """spec.train under TrainingArguments' names; SFTConfig subclasses TrainingArguments, so both take them."""
     t = spec.train
-    return {
+    if t.tf32:
+        import torch
+
+        if not torch.cuda.is_available():
+            # Said here, naming our field: TrainingArguments would fail later with "--tf32 ...".
+            raise ValueError(
+                "train.tf32: true needs an Ampere or newer CUDA GPU, and this worker has none; "
+                "leave train.tf32 unset on CPU"
+            )
+    knobs = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -38,3 +47,6 @@ def common_trainer_kwargs(
         "remove_unused_columns": False,  # the collator needs messages + images
         "report_to": "none",
     }
+    if t.tf32 is not None:
+        knobs["tf32"] = t.tf32
+    return knobs
