@@ -22,8 +22,9 @@ so every setup generates exactly 32 tokens per image. Images: 448x448 PNGs (256 
   p  plain HF under torch.profiler, and a static KV cache attempt
 
 BENCH_CACHE=static sets generation.cache_implementation for modes c and s,
-BENCH_COMPILE_VISION=1 sets infer.compile_vision, and BENCH_FP8=vision|all sets infer.fp8 (mode s
-then also measures how close the float8 model's first-token logits stay to bf16's).
+BENCH_COMPILE_VISION=1 sets infer.compile_vision, BENCH_COMPILE_LANGUAGE=1 infer.compile_language,
+and BENCH_FP8=vision|all sets infer.fp8 (mode s then also measures how close the float8 model's
+first-token logits stay to bf16's).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ NEW_TOKENS = 32
 CACHE = os.environ.get("BENCH_CACHE") or None  # generation.cache_implementation in modes c and s
 COMPILE_VISION = os.environ.get("BENCH_COMPILE_VISION") == "1"  # infer.compile_vision in c and s
 FP8 = os.environ.get("BENCH_FP8") or "off"  # infer.fp8 in c and s
+COMPILE_LANGUAGE = os.environ.get("BENCH_COMPILE_LANGUAGE") == "1"  # infer.compile_language
 
 
 def build_model(shape: str, out: Path) -> Path:
@@ -201,7 +203,11 @@ def bench_spec(run_uri: str, model_dir: Path, engine: str, batch: int) -> dict:
         "model": {"name": str(model_dir), "max_seq_length": 4096},
         "data": {"source": "unused"},
         "train": {"engine": engine},
-        "infer": {"compile_vision": COMPILE_VISION, "fp8": FP8},
+        "infer": {
+            "compile_vision": COMPILE_VISION,
+            "compile_language": COMPILE_LANGUAGE,
+            "fp8": FP8,
+        },
         "generation": {
             "max_new_tokens": NEW_TOKENS,
             "batch_size": batch,
@@ -310,7 +316,7 @@ def mode_s(
         for sort in dict.fromkeys([key, "cpu_time_total"]):
             table = prof.key_averages().table(sort_by=sort, row_limit=30)
             tables.append(f"## {what}, batch {bs}, by {sort}\n{table}")
-    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}_bs{bs}"
+    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'_cl' if COMPILE_LANGUAGE else ''}_bs{bs}"
     if tables and profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         (profile_dir / f"profile_s_{label}.txt").write_text("\n".join(tables))
@@ -502,6 +508,7 @@ def main() -> None:
         cache=CACHE or "dynamic",
         compile_vision=COMPILE_VISION,
         fp8=FP8,
+        compile_language=COMPILE_LANGUAGE,
         shape=a.shape,
         size=a.size,
         new_tokens=NEW_TOKENS,

@@ -336,6 +336,14 @@ class InferSpec(_Section):
             "1.39 to 0.84 s per 256 images (docs/benchmarks.md)."
         ),
     )
+    compile_language: bool = Field(
+        False,
+        description=(
+            "torch.compile the language model's MLPs and RMSNorms (fuses their elementwise work, "
+            "and with fp8: all the float8 scaling of their inputs). Meant with "
+            "generation.cache_implementation: static. Not benchmarked yet."
+        ),
+    )
     fp8: Literal["off", "vision", "all"] = Field(
         "off",
         description=(

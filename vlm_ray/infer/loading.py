@@ -17,6 +17,7 @@ from typing import Any
 
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
+from vlm_ray.models.compiled_language import compile_language_modules
 from vlm_ray.models.compiled_vision import compile_vision_blocks
 from vlm_ray.models.fp8_linear import check_fp8_device, quantize_linears_to_fp8
 from vlm_ray.models.gqa_decode_attention import enable_gqa_decode_attention
@@ -135,6 +136,8 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
         why += f"; float8 linear layers ({fp8})"
     if spec.infer.compile_vision and compile_vision_blocks(model):
         why += "; vision blocks compiled"
+    if spec.infer.compile_language and compile_language_modules(model):
+        why += "; language MLPs and norms compiled"
     note = f"{engine} ({why}); model {ref.model_uri}" + (
         f" + adapter {ref.adapter_uri}" if ref.adapter_uri else ""
     )
