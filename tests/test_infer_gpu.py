@@ -65,10 +65,12 @@ def test_unsloth_engine_merges_a_16bit_adapter_and_predicts_what_peft_predicts(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("scope", "compile_vision"), [("vision", False), ("all", True)], ids=["vision", "all+compiled"]
+    ("scope", "compile_vision", "compile_language"),
+    [("vision", False, False), ("all", True, False), ("all", True, True)],
+    ids=["vision", "all+compiled vision", "all+compiled vision and language"],
 )
 def test_fp8_layers_run_in_float8_and_stay_close_to_bf16(
-    scope, compile_vision, tiny_qwen2_vl, tmp_path
+    scope, compile_vision, compile_language, tiny_qwen2_vl, tmp_path
 ):
     pytest.importorskip("torchao")
     import torch
@@ -84,7 +86,12 @@ def test_fp8_layers_run_in_float8_and_stay_close_to_bf16(
     spec = infer_spec(
         str(tmp_path / "run"),
         tiny_qwen2_vl,
-        infer={"engine": "hf", "fp8": scope, "compile_vision": compile_vision},
+        infer={
+            "engine": "hf",
+            "fp8": scope,
+            "compile_vision": compile_vision,
+            "compile_language": compile_language,
+        },
     )
     model, processor, note = load_for_inference(spec, resolve_model_ref(spec, "base"))
     reference = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16)
