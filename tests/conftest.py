@@ -90,25 +90,38 @@ def tiny_qwen2_vl(models_dir: Path) -> Path:
     return build_tiny_model(models_dir / "qwen2_vl", family="qwen2_vl", size="tiny")
 
 
-@pytest.fixture(scope="session")
-def tiny_generator(tiny_qwen2_vl: Path):
-    """(model, left-padding processor) of the tiny Qwen2-VL with larger random weights, for generation tests.
+def _with_large_random_weights(path: Path):
+    """The tiny Qwen2-VL at `path` with larger random weights (seed 0), in eval mode.
 
     The saved tiny model's small init makes every input decode to the same tokens; larger random
     weights make the output depend on the image, so a padding or batching mistake would show.
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.3, generator=generator)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_qwen2_vl: Path):
+    """(model, left-padding processor): the tiny Qwen2-VL with larger random weights, shared."""
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
     processor.tokenizer.padding_side = "left"
-    return model, processor
+    return _with_large_random_weights(tiny_qwen2_vl), processor
+
+
+@pytest.fixture
+def new_tiny_generator_model(tiny_qwen2_vl: Path):
+    """A factory of fresh copies of tiny_generator's model, for tests that change a model in place."""
+    return lambda: _with_large_random_weights(tiny_qwen2_vl)
 
 
 def _number_png(i: int, width: int, height: int) -> bytes:

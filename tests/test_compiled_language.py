@@ -13,17 +13,6 @@ from vlm_ray.infer.loading import load_for_inference, resolve_model_ref
 from vlm_ray.models.compiled_language import compile_language_modules, language_elementwise_modules
 
 
-def _random_model(path):
-    # Larger random weights than the saved tiny model's, so the tokens depend on the image.
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.3, generator=generator)
-    return model
-
-
 def test_picks_each_layers_mlp_and_norms_and_the_final_norm(tiny_qwen2_vl):
     model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl)
     decoder = model.model.language_model
@@ -37,8 +26,10 @@ def test_picks_each_layers_mlp_and_norms_and_the_final_norm(tiny_qwen2_vl):
 
 
 @pytest.mark.parametrize("cache", [None, "static"], ids=["dynamic cache", "static cache"])
-def test_compiled_mlps_and_norms_generate_the_same_tokens(tiny_qwen2_vl, cache):
-    eager, compiled = _random_model(tiny_qwen2_vl), _random_model(tiny_qwen2_vl)
+def test_compiled_mlps_and_norms_generate_the_same_tokens(
+    tiny_qwen2_vl, new_tiny_generator_model, cache
+):
+    eager, compiled = new_tiny_generator_model(), new_tiny_generator_model()
     assert compile_language_modules(compiled) == 7
     images = [Image.new("RGB", (56 + 28 * (i % 2), 56), c) for i, c in enumerate(["white", "red"])]
     messages = [prompt_messages({"prompt": "Read.", "messages": None})] * len(images)
