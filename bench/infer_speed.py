@@ -268,6 +268,7 @@ def mode_s(
         prompt_messages,
     )
     from vlm_ray.infer.loading import ModelRef, load_for_inference
+    from vlm_ray.models.submodules import inner_module
 
     spec = parse_spec(bench_spec("/tmp/unused", model_dir, engine, bs))
     model, processor, note = load_for_inference(spec, ModelRef("base", str(model_dir)))
@@ -292,8 +293,7 @@ def mode_s(
     _, warmup_s = timed(lambda: generate_batch(model, processor, inputs, kwargs))  # compiles
     inputs, prep_s = timed(lambda: prepare_inputs(processor, imgs, msgs, device))
     inputs = inputs.to(model.device)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    visual = base.model.visual
+    visual = inner_module(model, "visual")
     with torch.inference_mode():
         _, vision_s = timed(
             lambda: visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])

@@ -19,24 +19,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vlm_ray.models.submodules import inner_module
+
 log = logging.getLogger(__name__)
 
 _COMPILED_KINDS = ("MLP", "RMSNorm")
 
 
-def language_model(model: Any) -> Any | None:
-    """The text decoder of a vision-language model (`language_model`), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for holder in (getattr(base, "model", None), base):
-        found = getattr(holder, "language_model", None)
-        if found is not None:
-            return found
-    return None
-
-
 def language_elementwise_modules(model: Any) -> list[Any]:
     """The language model's MLP and RMSNorm modules (by class name), outermost first."""
-    decoder = language_model(model)
+    decoder = inner_module(model, "language_model")
     if decoder is None:
         return []
     picked: list[Any] = []

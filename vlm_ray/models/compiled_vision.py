@@ -13,18 +13,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vlm_ray.models.submodules import inner_module
+
 log = logging.getLogger(__name__)
 
 
 def vision_blocks(model: Any) -> list[Any]:
     """The repeated transformer blocks of a Qwen-VL-style vision tower (`visual.blocks`), or []."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for holder in (getattr(base, "model", None), base):
-        visual = getattr(holder, "visual", None)
-        blocks = getattr(visual, "blocks", None)
-        if blocks is not None:
-            return list(blocks)
-    return []
+    blocks = getattr(inner_module(model, "visual"), "blocks", None)
+    return list(blocks) if blocks is not None else []
 
 
 def compile_vision_blocks(model: Any) -> int:

@@ -21,16 +21,13 @@ import logging
 from typing import Any, Literal
 
 from vlm_ray.models.compiled_vision import vision_blocks
+from vlm_ray.models.submodules import unwrapped
 
 log = logging.getLogger(__name__)
 
 Fp8Scope = Literal["vision", "all"]
 # float8 GEMMs (torch._scaled_mm) need both matrix dimensions divisible by 16.
 _ALIGN = 16
-
-
-def _unwrapped(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def fp8_target_linears(model: Any, scope: Fp8Scope) -> list[str]:
@@ -41,7 +38,7 @@ def fp8_target_linears(model: Any, scope: Fp8Scope) -> list[str]:
     """
     import torch
 
-    base = _unwrapped(model)
+    base = unwrapped(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     in_vision = {id(m) for block in vision_blocks(base) for m in block.modules()}
     names = []
@@ -83,7 +80,7 @@ def quantize_linears_to_fp8(model: Any, scope: Fp8Scope) -> int:
     check_fp8_device(scope)
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    base = _unwrapped(model)
+    base = unwrapped(model)
     names = set(fp8_target_linears(base, scope))
     if not names:
         log.warning("infer.fp8=%s: no linear layer of this model qualifies; left in bf16", scope)

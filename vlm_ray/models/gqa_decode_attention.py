@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vlm_ray.models.submodules import unwrapped
+
 log = logging.getLogger(__name__)
 
 NAME = "vlm_ray_sdpa_gqa_decode"
@@ -81,7 +83,7 @@ def enable_gqa_decode_attention(model: Any) -> bool:
     from transformers import AttentionInterface, PreTrainedModel
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     config = getattr(base, "config", None)
     if not isinstance(base, PreTrainedModel) or config is None:
         return False

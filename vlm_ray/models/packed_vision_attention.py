@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vlm_ray.models.submodules import unwrapped
+
 log = logging.getLogger(__name__)
 
 NAME = "vlm_ray_flash_packed_sdpa"
@@ -72,7 +74,7 @@ def enable_packed_vision_attention(model: Any) -> bool:
     """
     from transformers import AttentionInterface, PreTrainedModel
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     config = getattr(base, "config", None)
     vision = getattr(config, "vision_config", None)
     if not isinstance(base, PreTrainedModel) or vision is None:
