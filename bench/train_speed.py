@@ -20,6 +20,8 @@ layers at batch 4 on the same 448 px images and answers, and runs in its own pro
   stage     our engine (vlm_ray.train.unsloth_engine.train_unsloth) inside a num_gpus=1 Ray
             actor, reading prepared parquet shards from a local store (c)
   profile   torch.profiler over bare Unsloth steps: the top CUDA/CPU ops, into --out's folder
+            (--profile-steps N profiles N of the stage's own Trainer steps instead, after its
+            timed steps)
 
 MFU counts 6 x params x tokens (language model over every token, vision tower over every
 patch) against the GPU's dense bf16 peak; the attention's own FLOPs are left out.
@@ -123,6 +125,52 @@ def make_clock():
             self.times.append(time.perf_counter() - self.t)
 
     return StepClock()
+
+
+def make_step_profiler(start: int, n: int, out_dir: Path, tag: str):
+    """A TrainerCallback that runs torch.profiler over optimiser steps start..start+n-1.
+
+    It writes the top ops by GPU and by CPU time, and how much of the window's wall time the
+    GPU was busy: at batch 4 a step can be bound by the CPU launching kernels, not by them.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self) -> None:
+            self.prof = None
+            self.summary: dict = {}
+
+        def on_step_begin(self, args, state, control, **k):
+            if state.global_step == start and self.prof is None:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.start()
+                self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **k):
+            if self.prof is None or state.global_step != start + n:
+                return
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t
+            self.prof.stop()
+            ev = self.prof.key_averages()
+            for key in ("self_cuda_time_total", "self_cpu_time_total", "cpu_time_total"):
+                table = ev.table(sort_by=key, row_limit=40, max_name_column_width=80)
+                (out_dir / f"profile_{tag}_{key}.txt").write_text(table)
+            launches = sum(
+                e.count for e in ev if e.key.startswith(("cudaLaunchKernel", "cuLaunch"))
+            )
+            busy_us = sum(e.self_device_time_total for e in ev)
+            self.summary = {
+                "profiled_steps": n,
+                "profiled_step_ms": round(wall / n * 1e3, 1),
+                "gpu_busy_ms_per_step": round(busy_us / n / 1e3, 1),
+                "kernel_launches_per_step": round(launches / n),
+            }
+
+    return StepProfiler()
 
 
 def steady(times: list[float], warmup: int, batch: int) -> dict:
@@ -363,7 +411,8 @@ def mode_stage(a, model_dir: Path) -> dict:
     from vlm_ray.config import apply_overrides, parse_spec
     from vlm_ray.storage import LocalStore
 
-    steps = a.warmup + a.steps
+    # Profiled steps (--profile-steps) come after the timed ones and are not in the timing.
+    steps = a.warmup + a.steps + a.profile_steps
     store = LocalStore(f"/tmp/bench_stage_{a.shape}")
     recs = []
     for i, r in enumerate(sample_rows(a.batch * steps, a.image)):
@@ -402,6 +451,7 @@ def mode_stage(a, model_dir: Path) -> dict:
         },
     }
     spec = parse_spec(apply_overrides(raw, a.set), "bench --set")
+    out_dir = Path(a.out).resolve().parent
 
     @ray.remote(num_gpus=1)
     class Trainer:
@@ -412,9 +462,16 @@ def mode_stage(a, model_dir: Path) -> dict:
             from vlm_ray.train.unsloth_engine import train_unsloth
 
             clock = make_clock()
-            summary = train_unsloth(spec, store, Path("/tmp/bench_stage_work"), None, [clock])
+            callbacks = [clock]
+            if a.profile_steps:
+                tag = f"stage_{a.shape}_bs{a.batch}"
+                callbacks.append(
+                    make_step_profiler(a.warmup + a.steps, a.profile_steps, out_dir, tag)
+                )
+            summary = train_unsloth(spec, store, Path("/tmp/bench_stage_work"), None, callbacks)
             return {
-                **steady(clock.times, a.warmup, a.batch),
+                **steady(clock.times[: a.warmup + a.steps], a.warmup, a.batch),
+                **(callbacks[1].summary if a.profile_steps else {}),
                 "peak_gib": summary["peak_gpu_memory_gib"],
                 "gpu": torch.cuda.get_device_name(0),
             }
@@ -506,6 +563,13 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="job-spec override for 'stage', e.g. train.optim=adamw_torch_fused (repeatable)",
+    )
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="'stage': torch.profiler over this many steps after the timed ones; tables "
+        "profile_stage_<shape>_bs<batch>_*.txt beside --out",
     )
     p.add_argument("--label", default="", help="suffix of the result keys, e.g. '[bs16]'")
     p.add_argument("--no-split", action="store_true", help="skip the bare-step checks in 'unsloth'")
