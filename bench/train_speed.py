@@ -127,6 +127,22 @@ def make_clock():
     return StepClock()
 
 
+def gpu_busy_us(events) -> float:
+    """GPU kernel and copy time in a profile, counted once.
+
+    key_averages() gives each op row the time of the kernels it launched and lists those
+    kernels again as rows of their own, so a sum over every row counts the GPU twice; only
+    device-side rows are summed, as the profiler's own "Self CUDA time total" does.
+    """
+    from torch.autograd import DeviceType
+
+    return sum(
+        e.self_device_time_total
+        for e in events
+        if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+    )
+
+
 def make_step_profiler(start: int, n: int, out_dir: Path, tag: str):
     """A TrainerCallback that runs torch.profiler over optimiser steps start..start+n-1.
 
@@ -162,7 +178,7 @@ def make_step_profiler(start: int, n: int, out_dir: Path, tag: str):
             launches = sum(
                 e.count for e in ev if e.key.startswith(("cudaLaunchKernel", "cuLaunch"))
             )
-            busy_us = sum(e.self_device_time_total for e in ev)
+            busy_us = gpu_busy_us(ev)
             self.summary = {
                 "profiled_steps": n,
                 "profiled_step_ms": round(wall / n * 1e3, 1),
@@ -396,8 +412,7 @@ def mode_profile(a, model_dir: Path) -> dict:
     for key in ("cuda_time_total", "cpu_time_total"):
         table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
         (out / f"profile_{a.shape}_{key}.txt").write_text(table)
-    ev = prof.key_averages()
-    cuda_us = sum(e.self_device_time_total for e in ev) / 3
+    cuda_us = gpu_busy_us(prof.key_averages()) / 3
     return {"bare_step_ms": round(step_s * 1e3, 1), "gpu_busy_ms_per_step": round(cuda_us / 1e3, 1)}
 
 
