@@ -127,68 +127,6 @@ def make_clock():
     return StepClock()
 
 
-def gpu_busy_us(events) -> float:
-    """GPU kernel and copy time in a profile, counted once.
-
-    key_averages() gives each op row the time of the kernels it launched and lists those
-    kernels again as rows of their own, so a sum over every row counts the GPU twice; only
-    device-side rows are summed, as the profiler's own "Self CUDA time total" does.
-    """
-    from torch.autograd import DeviceType
-
-    return sum(
-        e.self_device_time_total
-        for e in events
-        if e.device_type == DeviceType.CUDA and not e.is_user_annotation
-    )
-
-
-def make_step_profiler(start: int, n: int, out_dir: Path, tag: str):
-    """A TrainerCallback that runs torch.profiler over optimiser steps start..start+n-1.
-
-    It writes the top ops by GPU and by CPU time, and how much of the window's wall time the
-    GPU was busy: at batch 4 a step can be bound by the CPU launching kernels, not by them.
-    """
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    from transformers import TrainerCallback
-
-    class StepProfiler(TrainerCallback):
-        def __init__(self) -> None:
-            self.prof = None
-            self.summary: dict = {}
-
-        def on_step_begin(self, args, state, control, **k):
-            if state.global_step == start and self.prof is None:
-                torch.cuda.synchronize()
-                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-                self.prof.start()
-                self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **k):
-            if self.prof is None or state.global_step != start + n:
-                return
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - self.t
-            self.prof.stop()
-            ev = self.prof.key_averages()
-            for key in ("self_cuda_time_total", "self_cpu_time_total", "cpu_time_total"):
-                table = ev.table(sort_by=key, row_limit=40, max_name_column_width=80)
-                (out_dir / f"profile_{tag}_{key}.txt").write_text(table)
-            launches = sum(
-                e.count for e in ev if e.key.startswith(("cudaLaunchKernel", "cuLaunch"))
-            )
-            busy_us = gpu_busy_us(ev)
-            self.summary = {
-                "profiled_steps": n,
-                "profiled_step_ms": round(wall / n * 1e3, 1),
-                "gpu_busy_ms_per_step": round(busy_us / n / 1e3, 1),
-                "kernel_launches_per_step": round(launches / n),
-            }
-
-    return StepProfiler()
-
-
 def steady(times: list[float], warmup: int, batch: int) -> dict:
     timed = times[warmup:]
     if not timed:
@@ -412,8 +350,22 @@ def mode_profile(a, model_dir: Path) -> dict:
     for key in ("cuda_time_total", "cpu_time_total"):
         table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
         (out / f"profile_{a.shape}_{key}.txt").write_text(table)
+    from vlm_ray.train.step_profiler import gpu_busy_us
+
     cuda_us = gpu_busy_us(prof.key_averages()) / 3
     return {"bare_step_ms": round(step_s * 1e3, 1), "gpu_busy_ms_per_step": round(cuda_us / 1e3, 1)}
+
+
+def _profile_of(store, out_dir: Path, tag: str) -> dict:
+    """The stage's profile summary (prefixed profile_), its tables copied beside --out."""
+    from vlm_ray import layout
+
+    for key in store.list(layout.TRAIN_PROFILE):
+        name = key.rsplit("/", 1)[-1]
+        if name.endswith(".txt"):
+            (out_dir / f"profile_{tag}_{name}").write_text(store.read_text(key))
+    summary = store.read_json(f"{layout.TRAIN_PROFILE}/summary.json")
+    return {f"profile_{k}": v for k, v in summary.items()}
 
 
 def mode_stage(a, model_dir: Path) -> dict:
@@ -429,6 +381,7 @@ def mode_stage(a, model_dir: Path) -> dict:
     # Profiled steps (--profile-steps) come after the timed ones and are not in the timing.
     steps = a.warmup + a.steps + a.profile_steps
     store = LocalStore(f"/tmp/bench_stage_{a.shape}")
+    store.delete_prefix(layout.TRAIN_PROFILE)  # an earlier invocation's profile is not this one's
     recs = []
     for i, r in enumerate(sample_rows(a.batch * steps, a.image)):
         buf = io.BytesIO()
@@ -474,19 +427,21 @@ def mode_stage(a, model_dir: Path) -> dict:
             import torch
             import unsloth  # noqa: F401  (first)
 
+            from vlm_ray.train.step_profiler import StepProfiler
             from vlm_ray.train.unsloth_engine import train_unsloth
 
             clock = make_clock()
             callbacks = [clock]
-            if a.profile_steps:
-                tag = f"stage_{a.shape}_bs{a.batch}"
-                callbacks.append(
-                    make_step_profiler(a.warmup + a.steps, a.profile_steps, out_dir, tag)
-                )
+            if a.profile_steps:  # the stage's own profiler (train.profile_steps), after the timing
+                callbacks.append(StepProfiler(store, a.warmup + a.steps, a.profile_steps))
             summary = train_unsloth(spec, store, Path("/tmp/bench_stage_work"), None, callbacks)
             return {
                 **steady(clock.times[: a.warmup + a.steps], a.warmup, a.batch),
-                **(callbacks[1].summary if a.profile_steps else {}),
+                **(
+                    _profile_of(store, out_dir, f"stage_{a.shape}_bs{a.batch}")
+                    if a.profile_steps
+                    else {}
+                ),
                 "peak_gib": summary["peak_gpu_memory_gib"],
                 "gpu": torch.cuda.get_device_name(0),
             }
@@ -583,8 +538,8 @@ def main() -> None:
         "--profile-steps",
         type=int,
         default=0,
-        help="'stage': torch.profiler over this many steps after the timed ones; tables "
-        "profile_stage_<shape>_bs<batch>_*.txt beside --out",
+        help="'stage': the stage's own profiler (train.profile_steps) over this many steps "
+        "after the timed ones; tables profile_stage_<shape>_bs<batch>_*.txt beside --out",
     )
     p.add_argument("--label", default="", help="suffix of the result keys, e.g. '[bs16]'")
     p.add_argument("--no-split", action="store_true", help="skip the bare-step checks in 'unsloth'")

@@ -233,6 +233,20 @@ class TrainSpec(_Section):
             "no gain at 7B, batch 4, 4-bit on an H100 (docs/benchmarks.md)."
         ),
     )
+    profile_steps: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Run torch.profiler over this many optimiser steps (0: off) and write the top ops by "
+            "GPU and CPU time and a summary (ms per step, GPU-busy share, kernel launches) to "
+            "<run>/train/profile/. The profiled steps run slower; the rest of the run does not."
+        ),
+    )
+    profile_start_step: int = Field(
+        5,
+        ge=0,
+        description="Optimiser steps before the profiled ones (compilation and warm-up).",
+    )
     pad_to_multiple_of: int | None = Field(
         None,
         ge=1,

@@ -15,6 +15,7 @@ TRAIN_METRICS = "train/metrics.jsonl"
 TRAIN_SUMMARY = "train/summary.json"
 TRAIN_SETTINGS = "train/settings.json"
 LOSS_PLOT = "train/loss.png"
+TRAIN_PROFILE = "train/profile"  # train.profile_steps: profiler tables + summary.json
 
 INFER_INPUT = "infer_input"  # infer.source, prepared like the training data
 PREDICTIONS = "predictions"

@@ -62,6 +62,11 @@ def train_in_this_process(spec: JobSpec, store: Store) -> dict[str, Any]:
         resume_from = download_latest_checkpoint(store, workdir / "resume")
         # MetricsLog first: its flush at each save lands before the checkpoint is marked complete.
         callbacks = [MetricsLog(store), CheckpointSync(store, keep=spec.train.save_total_limit)]
+        if spec.train.profile_steps:
+            from vlm_ray.train.step_profiler import StepProfiler
+
+            t = spec.train
+            callbacks.append(StepProfiler(store, t.profile_start_step, t.profile_steps))
         if engine == "unsloth":
             from vlm_ray.train.unsloth_engine import train_unsloth
 

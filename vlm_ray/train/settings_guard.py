@@ -19,6 +19,8 @@ _OPERATIONAL = {
     "train.logging_steps",
     "train.save_total_limit",
     "train.dataloader_num_workers",
+    "train.profile_steps",
+    "train.profile_start_step",
     "model.name",  # the same model may be reached by another path or URI; the data digest and knobs decide
 }
 

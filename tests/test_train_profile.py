@@ -1,0 +1,63 @@
+"""train.profile_steps: a real run profiles a window of its own optimiser steps and says where the time went."""
+
+from __future__ import annotations
+
+from vlm_ray import layout
+from vlm_ray.stages.train import train_in_this_process
+from vlm_ray.storage import LocalStore
+from vlm_ray.train.settings_guard import training_settings
+
+TRAIN = {
+    "engine": "hf",
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 4,
+    "save_steps": 100,
+    "warmup_steps": 0,
+}
+
+
+def test_the_window_after_the_warm_up_steps_is_profiled_and_the_run_still_finishes(
+    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path
+):
+    store = LocalStore(tmp_path / "run")
+    write_prepared(store, rows=8)
+    train = {**TRAIN, "profile_start_step": 1, "profile_steps": 2}
+    spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=train)
+
+    result = train_in_this_process(spec, store)
+
+    assert result["global_step"] == 4
+    summary = store.read_json(f"{layout.TRAIN_PROFILE}/summary.json")
+    assert summary["first_step"] == 2 and summary["steps"] == 2  # steps 2 and 3 of 4
+    assert summary["step_ms"] > 0 and summary["device"] == "cpu"
+    assert "gpu_busy_ms_per_step" not in summary  # nothing to say about a GPU on CPU
+    table = store.read_text(f"{layout.TRAIN_PROFILE}/by_self_cpu_time.txt")
+    assert "aten::mm" in table or "aten::addmm" in table  # the model's matmuls were recorded
+    assert store.exists(f"{layout.TRAIN_PROFILE}/by_cpu_time.txt")
+    assert not store.exists(f"{layout.TRAIN_PROFILE}/by_gpu_time.txt")
+
+
+def test_a_run_that_ends_inside_the_window_keeps_the_steps_it_profiled(
+    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path
+):
+    store = LocalStore(tmp_path / "run")
+    write_prepared(store, rows=8)
+    train = {**TRAIN, "profile_start_step": 3, "profile_steps": 10}
+    spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=train)
+
+    train_in_this_process(spec, store)
+
+    summary = store.read_json(f"{layout.TRAIN_PROFILE}/summary.json")
+    assert summary["first_step"] == 4 and summary["steps"] == 1
+
+
+def test_profiling_is_off_by_default_and_does_not_change_what_the_run_trains(
+    tiny_qwen2_vl, tiny_train_spec, tmp_path
+):
+    store = LocalStore(tmp_path / "run")
+    plain = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=TRAIN)
+    profiled = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train={**TRAIN, "profile_steps": 3})
+    assert plain.train.profile_steps == 0
+    # Turning it on for a re-run of the same run is not a change of training settings.
+    assert training_settings(plain, store) == training_settings(profiled, store)
