@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from vlm_ray import layout
 from vlm_ray.stages.train import train_in_this_process
 from vlm_ray.storage import LocalStore
@@ -61,3 +63,24 @@ def test_profiling_is_off_by_default_and_does_not_change_what_the_run_trains(
     assert plain.train.profile_steps == 0
     # Turning it on for a re-run of the same run is not a change of training settings.
     assert training_settings(plain, store) == training_settings(profiled, store)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_summary_says_how_busy_the_gpu_was_and_how_many_kernels_ran(
+    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path
+):
+    store = LocalStore(tmp_path / "run")
+    write_prepared(store, rows=8)
+    train = {**TRAIN, "profile_start_step": 1, "profile_steps": 2}
+    spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=train)
+
+    train_in_this_process(spec, store)
+
+    summary = store.read_json(f"{layout.TRAIN_PROFILE}/summary.json")
+    assert summary["device"] != "cpu" and summary["steps"] == 2
+    assert 0 < summary["gpu_busy_ms_per_step"] < summary["step_ms"]
+    assert summary["gpu_busy_share"] == pytest.approx(
+        summary["gpu_busy_ms_per_step"] / summary["step_ms"], abs=1e-3
+    )
+    assert summary["kernel_launches_per_step"] > 0
+    assert "Self CUDA" in store.read_text(f"{layout.TRAIN_PROFILE}/by_gpu_time.txt")
