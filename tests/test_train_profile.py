@@ -31,7 +31,8 @@ def test_the_window_after_the_warm_up_steps_is_profiled_and_the_run_still_finish
 
     assert result["global_step"] == 4
     summary = store.read_json(f"{layout.TRAIN_PROFILE}/summary.json")
-    assert summary["first_step"] == 2 and summary["steps"] == 2  # steps 2 and 3 of 4
+    # step 2 warms the profiler up; steps 3 and 4 of 4 are profiled
+    assert summary["first_step"] == 3 and summary["steps"] == 2
     assert summary["step_ms"] > 0 and summary["device"] == "cpu"
     assert "gpu_busy_ms_per_step" not in summary  # nothing to say about a GPU on CPU
     table = store.read_text(f"{layout.TRAIN_PROFILE}/by_self_cpu_time.txt")
@@ -45,13 +46,13 @@ def test_a_run_that_ends_inside_the_window_keeps_the_steps_it_profiled(
 ):
     store = LocalStore(tmp_path / "run")
     write_prepared(store, rows=8)
-    train = {**TRAIN, "profile_start_step": 3, "profile_steps": 10}
+    train = {**TRAIN, "profile_start_step": 2, "profile_steps": 10}
     spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=train)
 
     train_in_this_process(spec, store)
 
     summary = store.read_json(f"{layout.TRAIN_PROFILE}/summary.json")
-    assert summary["first_step"] == 4 and summary["steps"] == 1
+    assert summary["first_step"] == 4 and summary["steps"] == 1  # step 3 warmed the profiler up
 
 
 def test_profiling_is_off_by_default_and_does_not_change_what_the_run_trains(

@@ -4,8 +4,8 @@ Where a training step's time goes decides which lever helps: at small batches a 
 step with LoRA on every linear layer can be bound by the CPU launching kernels, not by the
 GPU running them (docs/benchmarks.md, training run 4), and only a profile of the run's own
 steps, with its data, model and settings, tells. The profiled window starts after
-train.profile_start_step (compilation and warm-up done) and its tables and a summary go to
-<run>/train/profile/. No trace file: three steps of a 7B model make one of hundreds of MB.
+train.profile_start_step (compilation and warm-up done), with one more step to warm the
+profiler itself up, and its tables and a summary go to <run>/train/profile/. No trace file: three steps of a 7B model make one of hundreds of MB.
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ def profile_summary(events: Any, wall_s: float, steps: int, on_gpu: bool) -> dic
 
 
 class StepProfiler(TrainerCallback):
-    """Profile optimiser steps start_step .. start_step + steps - 1; upload tables and summary.json."""
+    """Profile `steps` optimiser steps after step start_step; upload tables and summary.json.
+
+    The window's first step only warms the profiler up (CUPTI's start-up cost lands in it and
+    would inflate the step time); it is left out of the tables and the summary.
+    """
 
     def __init__(
         self, store: Store, start_step: int, steps: int, prefix: str = layout.TRAIN_PROFILE
@@ -64,40 +68,55 @@ class StepProfiler(TrainerCallback):
         self.store, self.start_step, self.steps, self.prefix = store, start_step, steps, prefix
         self.summary: dict[str, Any] | None = None
         self._prof: Any = None
+        self._ended = 0  # steps ended since the profiler started, the warm-up step included
 
     def on_step_begin(self, args, state, control, **kwargs):
         # A resumed run that restarts inside the window profiles from there on.
         inside = self.start_step <= state.global_step < self.start_step + self.steps
-        if self._prof is None and self.summary is None and inside:
+        if self._prof is None and self.summary is None and self._ended == 0 and inside:
             import torch
-            from torch.profiler import ProfilerActivity, profile
+            from torch.profiler import ProfilerActivity, profile, schedule
 
             self._on_gpu = torch.cuda.is_available()
             activities = [ProfilerActivity.CPU]
             if self._on_gpu:
                 activities.append(ProfilerActivity.CUDA)
-                torch.cuda.synchronize()
-            self._prof = profile(activities=activities)
+            self._prof = profile(
+                activities=activities, schedule=schedule(wait=0, warmup=1, active=1)
+            )
             self._prof.start()
-            self._first, self._t0 = state.global_step, time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._prof is not None and state.global_step >= self._first + self.steps:
-            self._finish(state.global_step - self._first)
+        if self._prof is None:
+            return
+        self._ended += 1
+        self._t_last = time.perf_counter()
+        if self._ended == 1:  # the warm-up step is over: record from here
+            self._sync()
+            self._prof.step()
+            self._first, self._t0 = state.global_step + 1, time.perf_counter()
+        elif self._ended == 1 + self.steps:
+            self._finish(self.steps)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._prof is not None:  # the run ended inside the window
-            self._finish(state.global_step - self._first)
+        if self._prof is not None:  # the run ended inside the window: time it to its last step
+            self._finish(self._ended - 1, until=self._t_last)
 
-    def _finish(self, steps: int) -> None:
+    def _sync(self) -> None:
+        if self._on_gpu:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def _finish(self, steps: int, until: float | None = None) -> None:
         import torch
 
-        if self._on_gpu:
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - self._t0
+        self._sync()
+        wall = (until or time.perf_counter()) - self._t0 if steps > 0 else 0.0
         self._prof.stop()
         prof, self._prof = self._prof, None
         if steps <= 0:
+            log.info("train: the run ended before a profiled step (train.profile_start_step)")
             return
         events = prof.key_averages()
         tables = {
@@ -110,7 +129,7 @@ class StepProfiler(TrainerCallback):
             table = events.table(sort_by=key, row_limit=50, max_name_column_width=90)
             self.store.write_text(f"{self.prefix}/{name}", table + "\n")
         self.summary = {
-            "first_step": self._first + 1,
+            "first_step": self._first,
             **profile_summary(events, wall, steps, self._on_gpu),
             "device": torch.cuda.get_device_name(0) if self._on_gpu else "cpu",
         }
@@ -124,8 +143,8 @@ class StepProfiler(TrainerCallback):
         )
         log.info(
             "train: profiled steps %d-%d: %.1f ms per step (profiler on)%s; tables in %s",
-            self._first + 1,
-            self._first + steps,
+            self._first,
+            self._first + steps - 1,
             self.summary["step_ms"],
             gpu,
             self.store.uri_of(self.prefix),
