@@ -110,3 +110,30 @@ def test_tiny_build_takes_seconds(tmp_path: Path):
     start = time.perf_counter()
     build_tiny_model(tmp_path / "m", family="mllama", size="tiny")
     assert time.perf_counter() - start < 15
+
+
+def test_the_11b_mllama_shape_is_llama_3_2_11b_vision_to_the_parameter():
+    """The benchmark's 11B shape has the real model's layout: checked by its exact size, on meta."""
+    from transformers import MllamaForConditionalGeneration
+
+    from vlm_ray.models.tiny import SHAPES
+    from vlm_ray.models.tiny_llama_gemma_mistral import LLAMA_SPECIALS, mllama_config
+
+    ids = {t: i for i, t in enumerate(LLAMA_SPECIALS)} | {"<|image|>": 128256}
+    config = mllama_config(SHAPES["11b"], 128256, ids)  # the real vocabulary, image token last
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(config)
+
+    assert sum(p.numel() for p in model.parameters()) == 10_670_220_835  # Llama-3.2-11B-Vision
+    text, vision = config.text_config, config.vision_config
+    assert text.num_hidden_layers == 40 and text.cross_attention_layers == [
+        3,
+        8,
+        13,
+        18,
+        23,
+        28,
+        33,
+        38,
+    ]
+    assert vision.num_global_layers == 8 and vision.vision_output_dim == 7680

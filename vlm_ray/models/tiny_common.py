@@ -67,6 +67,18 @@ SHAPES: dict[str, Shape] = {
         vision_depth=32,
         vision_heads=16,
     ),
+    # Llama-3.2-11B-Vision (family mllama): 32 self-attention layers (the builder adds its 8
+    # cross-attention layers) and a 32-layer vision encoder (plus its 8 global layers)
+    "11b": Shape(
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        intermediate=14336,
+        vision_dim=1280,
+        vision_depth=32,
+        vision_heads=16,
+    ),
 }
 
 

@@ -23,13 +23,48 @@ LLAMA_SPECIALS = [
 ]
 
 
-def build_mllama(out: Path, shape: Shape, vocab_size: int, seed: int) -> dict[str, Any]:
-    from transformers import (
-        MllamaConfig,
-        MllamaForConditionalGeneration,
-        MllamaImageProcessor,
-        MllamaProcessor,
+def mllama_config(shape: Shape, vocab: int, ids: dict[str, int]) -> Any:
+    """An MllamaConfig of `shape`: at a real size, Llama-3.2-11B-Vision's layout.
+
+    Small shapes get one cross-attention layer, one global vision layer and one intermediate
+    vision output; real shapes get Llama 3.2 11B's: a cross-attention layer after every 4
+    self-attention layers (8 of 40), 8 global vision layers and 5 intermediate outputs.
+    """
+    from transformers import MllamaConfig
+
+    real = is_real_size(shape)
+    cross = [3, 8, 13, 18, 23, 28, 33, 38] if real else [shape.layers // 2 + 1]
+    intermediate_outputs = [3, 7, 15, 23, 30] if real else [0]
+    return MllamaConfig(
+        text_config={
+            **text_config(
+                shape, vocab, rope_parameters={"rope_type": "default", "rope_theta": 500_000.0}
+            ),
+            "num_hidden_layers": shape.layers + len(cross),
+            "cross_attention_layers": cross,
+            "bos_token_id": ids["<|begin_of_text|>"],
+            "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]],
+            "pad_token_id": ids["<|finetune_right_pad_id|>"],
+        },
+        vision_config={
+            "hidden_size": shape.vision_dim,
+            "num_hidden_layers": shape.vision_depth,
+            "num_global_layers": 8 if real else 1,
+            "attention_heads": shape.vision_heads,
+            "intermediate_size": shape.vision_dim * 4,
+            "intermediate_layers_indices": intermediate_outputs,
+            # the vision output concatenates the last layer and each intermediate layer
+            "vision_output_dim": shape.vision_dim * (1 + len(intermediate_outputs)),
+            "image_size": 560 if real else 56,
+            "patch_size": 14,
+            "max_num_tiles": 4,
+        },
+        image_token_index=ids["<|image|>"],
     )
+
+
+def build_mllama(out: Path, shape: Shape, vocab_size: int, seed: int) -> dict[str, Any]:
+    from transformers import MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
 
     # <|image|> is the last id: outside the LM head's vocabulary, as in Llama 3.2 Vision (128256)
     tok = build_family_tokenizer(
@@ -45,36 +80,8 @@ def build_mllama(out: Path, shape: Shape, vocab_size: int, seed: int) -> dict[st
     ids = token_ids(tok, [*LLAMA_SPECIALS, "<|image|>"])
     image_id = ids["<|image|>"]
     assert image_id == len(tok) - 1, "the tokenizer must put <|image|> last"
-    tile = 56 if not is_real_size(shape) else 560
-    config = MllamaConfig(
-        text_config={
-            **text_config(
-                shape, image_id, rope_parameters={"rope_type": "default", "rope_theta": 500_000.0}
-            ),
-            # one cross-attention layer among the self-attention ones (Llama 3.2 11B: every 5th)
-            "num_hidden_layers": shape.layers + 1,
-            "cross_attention_layers": [shape.layers // 2 + 1]
-            if not is_real_size(shape)
-            else [3, 8, 13, 18, 23, 28, 33, 38],
-            "bos_token_id": ids["<|begin_of_text|>"],
-            "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]],
-            "pad_token_id": ids["<|finetune_right_pad_id|>"],
-        },
-        vision_config={
-            "hidden_size": shape.vision_dim,
-            "num_hidden_layers": shape.vision_depth,
-            "num_global_layers": 1,
-            "attention_heads": shape.vision_heads,
-            "intermediate_size": shape.vision_dim * 4,
-            "intermediate_layers_indices": [0],
-            # the vision output concatenates the last layer and each intermediate layer
-            "vision_output_dim": shape.vision_dim * 2,
-            "image_size": tile,
-            "patch_size": 14,
-            "max_num_tiles": 4,
-        },
-        image_token_index=image_id,
-    )
+    config = mllama_config(shape, image_id, ids)
+    tile = config.vision_config.image_size
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config)
     processor = MllamaProcessor(
