@@ -5,9 +5,10 @@ Run on the GPU machine (docs/gpu.md has the exact device calls), one shape per c
     PYTHONUNBUFFERED=1 python bench/train_speed.py --shape 2b --out $OUT/train_speed_2b.json
     PYTHONUNBUFFERED=1 python bench/train_speed.py --shape 7b --modes hf,unsloth,unsloth4,stage
 
-The model is a random-weight Qwen2-VL at the real shape (vlm_ray.models.tiny SHAPES), built
-once on the GPU in bf16 under /tmp, with its embeddings padded to the real vocabulary (the LM
-head and loss cost as much as in the real model). Every mode trains LoRA r=16 on all linear
+The model is a random-weight Qwen2-VL (--shape 2b, 7b) or Llama-3.2-11B-Vision (--shape 11b,
+family mllama) at the real shape (vlm_ray.models.tiny SHAPES), built once on the GPU in bf16
+under /tmp, with its embeddings padded to the real vocabulary (the LM head and loss cost as
+much as in the real model). Every mode trains LoRA r=16 on all linear
 layers at batch 4 on the same 448 px images and answers, and runs in its own process
 (importing unsloth patches transformers for the whole process). Timed steps start after
 --warmup steps (Unsloth compiles during its first steps). Modes:
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,7 +45,8 @@ os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_VOCAB = {"2b": 151936, "7b": 152064}
+REAL_VOCAB = {"2b": 151936, "7b": 152064, "11b": 128256}
+FAMILY = {"2b": "qwen2_vl", "7b": "qwen2_vl", "11b": "mllama"}  # 11b: Llama-3.2-11B-Vision
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, from NVIDIA's data sheets
 PROMPT = "Read the number in this image."
 HF_TARGETS = [  # every linear layer of the language model and the vision tower (as the probe)
@@ -56,7 +59,7 @@ HF_TARGETS = [  # every linear layer of the language model and the vision tower 
 
 
 def build_model(shape: str, out: Path) -> Path:
-    """Random-weight Qwen2-VL at a real shape, built on the GPU in bf16, real-size vocabulary."""
+    """Random-weight model at a real shape (FAMILY), built on the GPU in bf16, real-size vocabulary."""
     import torch
 
     from vlm_ray.models.tiny import build_tiny_model
@@ -67,18 +70,38 @@ def build_model(shape: str, out: Path) -> Path:
     # Constructing 7B parameters on the CPU takes many minutes; on the GPU in bf16, seconds.
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        build_tiny_model(out, family="qwen2_vl", size=shape)
+        build_tiny_model(out, family=FAMILY[shape], size=shape)
     torch.set_default_dtype(torch.float32)
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         out, dtype=torch.bfloat16, device_map="cuda"
     )
-    model.resize_token_embeddings(REAL_VOCAB[shape], mean_resizing=False)
+    real_vocabulary(model, FAMILY[shape], REAL_VOCAB[shape])
     model.save_pretrained(out)
     (out / "bench_ready").write_text(json.dumps({"shape": shape, "build_s": time.time() - t}))
     print(f"built {shape} at {out} in {time.time() - t:.0f}s", flush=True)
     return out
+
+
+def real_vocabulary(model, family: str, vocab: int) -> None:
+    """Embeddings and LM head at the real vocabulary size, so they cost what they do in the real model.
+
+    Mllama keeps vocab + 8 embedding rows (the image token and padding) over a head of vocab
+    outputs, and rebuilds that layout from config.text_config.vocab_size when it loads.
+    """
+    import torch
+
+    if family != "mllama":
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        return
+    model.resize_token_embeddings(
+        vocab + 8, mean_resizing=False
+    )  # the input embeddings and the head
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight[:vocab].detach().clone())
+    head.out_features = vocab
+    model.config.text_config.vocab_size = vocab
 
 
 def sample_rows(n: int, size: int) -> list[dict]:
@@ -140,17 +163,30 @@ def steady(times: list[float], warmup: int, batch: int) -> dict:
     }
 
 
+VISION_TOWERS = (".visual.", ".vision_model.")  # Qwen2-VL, Mllama
+
+
+def image_patches(pixel_values, patch: int = 14) -> int:
+    """Patches the vision tower runs over: Qwen2-VL's are rows of a 2-D tensor; Mllama's
+    (batch, images, tiles, C, H, W) are every tile's, padding tiles included (they are computed)."""
+    if pixel_values.dim() == 2:
+        return int(pixel_values.shape[0])
+    *lead, _, h, w = pixel_values.shape
+    return int(math.prod(lead)) * (h // patch) * (w // patch)
+
+
 def flops_per_sample(model, batch) -> float:
     """6 x (language-model params x tokens + vision params x patches) per sample."""
     n_vis = sum(
-        p.numel() for n, p in model.named_parameters() if ".visual." in n or n.startswith("visual.")
+        p.numel()
+        for n, p in model.named_parameters()
+        if any(t in f".{n}" for t in VISION_TOWERS) and "lora_" not in n
     )
     n_all = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     n_lm = n_all - n_vis
     rows = batch["input_ids"].shape[0]
     tokens = int(batch["attention_mask"].sum())
-    patches = int(batch["pixel_values"].shape[0])
-    return 6 * (n_lm * tokens + n_vis * patches) / rows
+    return 6 * (n_lm * tokens + n_vis * image_patches(batch["pixel_values"])) / rows
 
 
 def peak_flops(gpu_name: str) -> float:
@@ -188,12 +224,12 @@ def mode_hf(a, model_dir: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTTrainer
 
     proc = AutoProcessor.from_pretrained(model_dir)
     proc.tokenizer.padding_side = "right"
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map="cuda"
     )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -543,7 +579,7 @@ def main() -> None:
     )
     p.add_argument("--label", default="", help="suffix of the result keys, e.g. '[bs16]'")
     p.add_argument("--no-split", action="store_true", help="skip the bare-step checks in 'unsloth'")
-    p.add_argument("--model-dir", default=None, help="default: /tmp/bench_qwen2_vl_<shape>")
+    p.add_argument("--model-dir", default=None, help="default: /tmp/bench_<family>_<shape>")
     p.add_argument(
         "--out",
         default="train_speed.json",
@@ -551,7 +587,7 @@ def main() -> None:
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
-    model_dir = Path(a.model_dir or f"/tmp/bench_qwen2_vl_{a.shape}")
+    model_dir = Path(a.model_dir or f"/tmp/bench_{FAMILY[a.shape]}_{a.shape}")
     sys.path.insert(0, str(REPO))
 
     if a.child:
