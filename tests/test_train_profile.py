@@ -19,15 +19,22 @@ TRAIN = {
 }
 
 
-def test_the_window_after_the_warm_up_steps_is_profiled_and_the_run_still_finishes(
-    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path
-):
-    store = LocalStore(tmp_path / "run")
-    write_prepared(store, rows=8)
-    train = {**TRAIN, "profile_start_step": 1, "profile_steps": 2}
-    spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=train)
+@pytest.fixture
+def profiled_run(tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path):
+    """profiled_run(start, steps) -> (store, result): 4 training steps with that profile window."""
 
-    result = train_in_this_process(spec, store)
+    def run(start: int, steps: int):
+        store = LocalStore(tmp_path / "run")
+        write_prepared(store, rows=8)
+        train = {**TRAIN, "profile_start_step": start, "profile_steps": steps}
+        spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=train)
+        return store, train_in_this_process(spec, store)
+
+    return run
+
+
+def test_the_window_after_the_warm_up_steps_is_profiled_and_the_run_still_finishes(profiled_run):
+    store, result = profiled_run(start=1, steps=2)
 
     assert result["global_step"] == 4
     summary = store.read_json(f"{layout.TRAIN_PROFILE}/summary.json")
@@ -41,15 +48,8 @@ def test_the_window_after_the_warm_up_steps_is_profiled_and_the_run_still_finish
     assert not store.exists(f"{layout.TRAIN_PROFILE}/by_gpu_time.txt")
 
 
-def test_a_run_that_ends_inside_the_window_keeps_the_steps_it_profiled(
-    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path
-):
-    store = LocalStore(tmp_path / "run")
-    write_prepared(store, rows=8)
-    train = {**TRAIN, "profile_start_step": 2, "profile_steps": 10}
-    spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=train)
-
-    train_in_this_process(spec, store)
+def test_a_run_that_ends_inside_the_window_keeps_the_steps_it_profiled(profiled_run):
+    store, _ = profiled_run(start=2, steps=10)
 
     summary = store.read_json(f"{layout.TRAIN_PROFILE}/summary.json")
     assert summary["first_step"] == 4 and summary["steps"] == 1  # step 3 warmed the profiler up
@@ -67,15 +67,8 @@ def test_profiling_is_off_by_default_and_does_not_change_what_the_run_trains(
 
 
 @pytest.mark.gpu
-def test_on_a_gpu_the_summary_says_how_busy_the_gpu_was_and_how_many_kernels_ran(
-    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path
-):
-    store = LocalStore(tmp_path / "run")
-    write_prepared(store, rows=8)
-    train = {**TRAIN, "profile_start_step": 1, "profile_steps": 2}
-    spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=train)
-
-    train_in_this_process(spec, store)
+def test_on_a_gpu_the_summary_says_how_busy_the_gpu_was_and_how_many_kernels_ran(profiled_run):
+    store, _ = profiled_run(start=1, steps=2)
 
     summary = store.read_json(f"{layout.TRAIN_PROFILE}/summary.json")
     assert summary["device"] != "cpu" and summary["steps"] == 2
