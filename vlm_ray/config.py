@@ -245,7 +245,10 @@ class TrainSpec(_Section):
     profile_start_step: int = Field(
         5,
         ge=0,
-        description="Optimiser steps before the profiled ones (compilation and warm-up).",
+        description=(
+            "Optimiser steps before the profiled ones (compilation and warm-up); one more step "
+            "then warms the profiler itself up, unrecorded."
+        ),
     )
     pad_to_multiple_of: int | None = Field(
         None,
