@@ -52,3 +52,40 @@ def test_time_left_reads_in_the_unit_a_person_would_use():
     assert pool._duration(40) == "~40 s"
     assert pool._duration(12 * 60) == "~12 min"
     assert pool._duration(3.5 * 3600) == "~3.5 h"
+
+
+def test_while_nothing_finishes_a_line_a_minute_says_what_the_first_batches_compile():
+    clock = Clock()
+    progress = _Progress("base", total=4, clock=clock, compiling="the vision blocks")
+    quiet = pool.QUIET_LINE_EVERY_S
+
+    clock.now += quiet - 1
+    assert progress.waiting(in_flight=2) is None, "not before a quiet minute"
+    clock.now += 1
+    assert progress.waiting(in_flight=2) == (
+        f"infer[base]: 0/4 shards done, 2 in flight, none finished in the last "
+        f"{pool._duration(quiet)}; each actor's first batch compiles the vision blocks: "
+        "minutes, not a hang"
+    )
+    clock.now += 1
+    assert progress.waiting(in_flight=2) is None, "one line per quiet interval"
+
+    progress.add({"rows": 4, "errors": 0})
+    clock.now += quiet
+    line = progress.waiting(in_flight=2)
+    assert line.startswith("infer[base]: 1/4 shards done") and "compiles" not in line
+
+
+def test_the_compile_note_names_each_opt_in_setting_that_compiles(tmp_path):
+    from test_infer_loading import infer_spec
+
+    assert pool.compile_note(infer_spec(str(tmp_path), "m")) == ""
+    spec = infer_spec(
+        str(tmp_path),
+        "m",
+        generation={"cache_implementation": "static"},
+        infer={"compile_vision": True, "fp8": "vision"},
+    )
+    assert pool.compile_note(spec) == (
+        "the static-cache decoding step, the vision blocks, float8 layers (infer.fp8=vision)"
+    )

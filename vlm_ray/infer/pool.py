@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_ACTOR = 2  # one shard generating, the next one queued behind it
 PROGRESS_EVERY_S = 15.0
+QUIET_LINE_EVERY_S = 60.0  # while no shard finishes (loading, compiling), a line this often
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def run_pool(
         spec.ray.num_gpus_per_worker if gpus else 0,
         restarts,
     )
-    progress = _Progress(ref["tag"], len(tasks))
+    progress = _Progress(ref["tag"], len(tasks), compiling=compile_note(spec))
     todo = list(reversed(tasks))
     in_flight: dict[Any, tuple[int, ShardTask]] = {}
     load = [0] * size
@@ -182,7 +183,9 @@ def run_pool(
                 task = todo.pop()
                 in_flight[actors[a].predict_shard.remote(task)] = (a, task)
                 load[a] += 1
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=PROGRESS_EVERY_S)
+            if not ready:
+                progress.waiting(len(in_flight))
             for ref_ in ready:
                 a, task = in_flight.pop(ref_)
                 load[a] -= 1
@@ -220,22 +223,54 @@ def _check_fits(spec: JobSpec, gpus: int) -> None:
         )
 
 
+def compile_note(spec: JobSpec) -> str:
+    """What each actor compiles on its first batch, by the spec's opt-in speed settings ('' if nothing)."""
+    parts = []
+    if spec.generation.cache_implementation == "static":
+        parts.append("the static-cache decoding step")
+    if spec.infer.compile_vision:
+        parts.append("the vision blocks")
+    if spec.infer.compile_language:
+        parts.append("the language MLPs and norms")
+    if spec.infer.fp8 != "off":
+        parts.append(f"float8 layers (infer.fp8={spec.infer.fp8})")
+    return ", ".join(parts)
+
+
 class _Progress:
     """A log line every PROGRESS_EVERY_S: shards and images done, images/s overall and since the
     last line (the steady rate, once the actors have loaded and compiled), and the time left at
-    the recent rate."""
+    the recent rate. While nothing finishes, a line every QUIET_LINE_EVERY_S says so, and what
+    the first batches are compiling: minutes of silence would look like a hang."""
 
-    def __init__(self, tag: str, total: int, clock: Callable[[], float] = time.time):
-        self.tag, self.total, self.clock = tag, total, clock
-        self.start = self.last = clock()
+    def __init__(
+        self, tag: str, total: int, clock: Callable[[], float] = time.time, compiling: str = ""
+    ):
+        self.tag, self.total, self.clock, self.compiling = tag, total, clock, compiling
+        self.start = self.last = self.last_done = self.last_quiet = clock()
         self.shards = self.rows = self.errors = self.rows_at_last = 0
+
+    def waiting(self, in_flight: int) -> str | None:
+        """Nothing finished in the last wait; returns the line when one is logged."""
+        now = self.clock()
+        if now - max(self.last_done, self.last_quiet) < QUIET_LINE_EVERY_S:
+            return None
+        line = (
+            f"infer[{self.tag}]: {self.shards}/{self.total} shards done, {in_flight} in flight, "
+            f"none finished in the last {_duration(now - self.last_done)}"
+        )
+        if self.shards == 0 and self.compiling:
+            line += f"; each actor's first batch compiles {self.compiling}: minutes, not a hang"
+        self.last_quiet = now
+        log.info(line)
+        return line
 
     def add(self, record: dict[str, Any]) -> str | None:
         """Count one finished shard; returns the line when one is logged."""
         self.shards += 1
         self.rows += record["rows"]
         self.errors += record["errors"]
-        now = self.clock()
+        now = self.last_done = self.clock()
         if now - self.last < PROGRESS_EVERY_S and self.shards < self.total:
             return None
         recent = (self.rows - self.rows_at_last) / max(now - self.last, 1e-9)
