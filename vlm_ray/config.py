@@ -359,7 +359,7 @@ class InferSpec(_Section):
         description=(
             "torch.compile the language model's MLPs and RMSNorms (fuses their elementwise work, "
             "and with fp8: all the float8 scaling of their inputs). Experimental: at the 2B shape "
-            "on an H100 the first batch had not finished compiling after 7 minutes."
+            "on an H100 the first batch had not finished after 7 minutes."
         ),
     )
     fp8: Literal["off", "vision", "all"] = Field(
@@ -369,7 +369,7 @@ class InferSpec(_Section):
             "8.9+, the transformers engine only): 'vision' the vision tower's blocks, 'all' every "
             "linear layer but the output head. Faster prefill; outputs close to bf16's, not equal "
             "(docs/benchmarks.md has speed and fidelity). The first batch compiles for minutes "
-            "(154 s at batch 256 on an H100, over 5.5 min at batch 512): use batch 256."
+            "(154 s at batch 256 on an H100; at batch 512 not done after 5.5 min): use batch 256."
         ),
     )
     image_column: str | None = Field(
