@@ -30,12 +30,14 @@ first-token logits stay to bf16's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -243,6 +245,41 @@ def fp8_fidelity(spec, model, processor, model_dir: Path, rows: list[dict]) -> d
     }
 
 
+def compile_stats() -> dict:
+    """What torch.compile did so far in this process: frames compiled (recompilations included),
+    graphs, graph breaks, and the seconds in each compile phase (Dynamo, AOT autograd, Inductor)."""
+    from torch._dynamo.utils import compile_times, counters
+
+    return {
+        "frames_compiled": counters["frames"].get("ok", 0),
+        "graphs": counters["stats"].get("unique_graphs", 0),
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "compile_times": compile_times(repr="str", aggregate=True),
+    }
+
+
+@contextlib.contextmanager
+def compile_heartbeat(what: str, every_s: float = 60.0):
+    """Print compile_stats() every `every_s` while the block runs: a first generate that takes
+    minutes shows whether it compiles one big graph or recompiles again and again."""
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            stats = {k: v for k, v in compile_stats().items() if k != "compile_times"}
+            print(
+                f"{what}: {time.perf_counter() - start:.0f} s so far; {json.dumps(stats)}",
+                flush=True,
+            )
+
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def mode_s(
     model_dir: Path, size: int, bs: int, engine: str, profile_dir: Path | None, profile_what: str
 ) -> dict:
@@ -290,7 +327,13 @@ def mode_s(
     kwargs = generation_kwargs(spec.generation)
     one = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
     inputs = prepare_inputs(processor, imgs, msgs, device)
-    _, warmup_s = timed(lambda: generate_batch(model, processor, inputs, kwargs))  # compiles
+    print(f"mode s: loaded ({note}); the first generate compiles what the spec asks", flush=True)
+    with compile_heartbeat("mode s: first generate"):
+        _, warmup_s = timed(lambda: generate_batch(model, processor, inputs, kwargs))  # compiles
+    # Printed now, so that a run cut off later still says where the first generate's time went.
+    compiled = compile_stats()
+    times = compiled.pop("compile_times")
+    print(f"mode s: first generate {warmup_s:.1f} s; {json.dumps(compiled)}\n{times}", flush=True)
     inputs, prep_s = timed(lambda: prepare_inputs(processor, imgs, msgs, device))
     inputs = inputs.to(model.device)
     visual = inner_module(model, "visual")
@@ -328,6 +371,7 @@ def mode_s(
         "batch": bs,
         "compile_vision": COMPILE_VISION,
         "warmup_generate_s": round(warmup_s, 1),
+        "first_generate_compiled": compiled,
         "processor_s": round(prep_s, 3),
         "vision_tower_s": round(vision_s, 3),
         "prefill_s": round(prefill_s, 3),
