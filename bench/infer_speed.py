@@ -186,8 +186,9 @@ def mode_p(model_dir: Path, size: int, bs: int) -> dict:
     hf_generate(model, processor, imgs[:8])
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         r = hf_generate(model, processor, imgs)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=15), flush=True)
+    print(events.table(sort_by="cpu_time_total", row_limit=25), flush=True)
     res: dict = {"mode": "p", "batch": bs, "dynamic_gen_s": round(r["gen_s"], 2)}
     try:
         hf_generate(model, processor, imgs, cache_implementation="static")  # compile
@@ -356,8 +357,9 @@ def mode_s(
             generate_batch(model, processor, inputs, gen_kwargs)
             if cuda:
                 torch.cuda.synchronize()
+        events = prof.key_averages()
         for sort in dict.fromkeys([key, "cpu_time_total"]):
-            table = prof.key_averages().table(sort_by=sort, row_limit=30)
+            table = events.table(sort_by=sort, row_limit=30)
             tables.append(f"## {what}, batch {bs}, by {sort}\n{table}")
     label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'_cl' if COMPILE_LANGUAGE else ''}_bs{bs}"
     if tables and profile_dir is not None:

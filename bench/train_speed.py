@@ -95,9 +95,8 @@ def real_vocabulary(model, family: str, vocab: int) -> None:
     if family != "mllama":
         model.resize_token_embeddings(vocab, mean_resizing=False)
         return
-    model.resize_token_embeddings(
-        vocab + 8, mean_resizing=False
-    )  # the input embeddings and the head
+    # the input embeddings and the head, both to vocab + 8; then the head back to vocab
+    model.resize_token_embeddings(vocab + 8, mean_resizing=False)
     head = model.get_output_embeddings()
     head.weight = torch.nn.Parameter(head.weight[:vocab].detach().clone())
     head.out_features = vocab
@@ -382,13 +381,14 @@ def mode_profile(a, model_dir: Path) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    out = Path(a.out).parent
-    for key in ("cuda_time_total", "cpu_time_total"):
-        table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
-        (out / f"profile_{a.shape}_{key}.txt").write_text(table)
     from vlm_ray.train.step_profiler import gpu_busy_us
 
-    cuda_us = gpu_busy_us(prof.key_averages()) / 3
+    out = Path(a.out).parent
+    events = prof.key_averages()  # aggregating a 7B step's events takes seconds: once
+    for key in ("cuda_time_total", "cpu_time_total"):
+        table = events.table(sort_by=key, row_limit=30, max_name_column_width=70)
+        (out / f"profile_{a.shape}_{key}.txt").write_text(table)
+    cuda_us = gpu_busy_us(events) / 3
     return {"bare_step_ms": round(step_s * 1e3, 1), "gpu_busy_ms_per_step": round(cuda_us / 1e3, 1)}
 
 

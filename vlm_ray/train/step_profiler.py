@@ -5,7 +5,8 @@ step with LoRA on every linear layer can be bound by the CPU launching kernels, 
 GPU running them (docs/benchmarks.md, training run 4), and only a profile of the run's own
 steps, with its data, model and settings, tells. The profiled window starts after
 train.profile_start_step (compilation and warm-up done), with one more step to warm the
-profiler itself up, and its tables and a summary go to <run>/train/profile/. No trace file: three steps of a 7B model make one of hundreds of MB.
+profiler itself up, and its tables and a summary go to <run>/train/profile/. No trace file:
+three steps of a 7B model make one of hundreds of MB.
 """
 
 from __future__ import annotations
@@ -68,12 +69,13 @@ class StepProfiler(TrainerCallback):
         self.store, self.start_step, self.steps, self.prefix = store, start_step, steps, prefix
         self.summary: dict[str, Any] | None = None
         self._prof: Any = None
-        self._ended = 0  # steps ended since the profiler started, the warm-up step included
+        # steps ended since the profiler started, the warm-up step included; 0: not started yet
+        self._ended = 0
 
     def on_step_begin(self, args, state, control, **kwargs):
         # A resumed run that restarts inside the window profiles from there on.
         inside = self.start_step <= state.global_step < self.start_step + self.steps
-        if self._prof is None and self.summary is None and self._ended == 0 and inside:
+        if self._ended == 0 and self._prof is None and inside:
             import torch
             from torch.profiler import ProfilerActivity, profile, schedule
 
