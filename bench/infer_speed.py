@@ -428,6 +428,23 @@ def prepared_rows(n: int, size: int) -> list[dict]:
     return rows
 
 
+def steady_rates(records: list[dict]) -> dict[str, float]:
+    """Images/s of each actor (by pid) after its first shard (model load, compilation, warm-up).
+
+    `records` are ledger records in commit order; an actor that committed a single shard has no
+    steady rate and is left out.
+    """
+    by_pid: dict[str, list[dict]] = {}
+    for r in records:
+        by_pid.setdefault(str(r["pid"]), []).append(r)
+    rates = {}
+    for pid, done in by_pid.items():
+        span = done[-1]["committed_at"] - done[0]["committed_at"]
+        if len(done) > 1 and span > 0:
+            rates[pid] = round(sum(r["rows"] for r in done[1:]) / span, 2)
+    return rates
+
+
 def mode_c(
     model_dir: Path,
     n: int,
@@ -461,12 +478,7 @@ def mode_c(
     records = sorted(
         ShardLedger(LocalStore(run), "predictions/base").records(), key=lambda r: r["committed_at"]
     )
-    # steady state: after each actor's first shard (model load, Unsloth's compile, warm-up)
-    firsts = {}
-    for r in records:
-        firsts.setdefault(r["pid"], r)
-    later = [r for r in records if firsts[r["pid"]] is not r]
-    span = records[-1]["committed_at"] - min(f["committed_at"] for f in firsts.values())
+    per_actor = steady_rates(records)
     rows = [
         json.loads(x)
         for k in (run / "predictions/base").glob("*.jsonl")
@@ -480,7 +492,14 @@ def mode_c(
         "batch": batch,
         "images": n,
         "end_to_end_images_per_s": round(n / wall, 2),
-        "images_per_s": round(sum(r["rows"] for r in later) / span, 2) if later and span else None,
+        # the pool's steady rate: each actor's own rate after its first shard, summed (one
+        # window from the earliest first shard would count a later actor's warm-up as idle time)
+        "images_per_s": round(sum(per_actor.values()), 2) if per_actor else None,
+        "images_per_s_by_actor": per_actor,
+        "shard_commits": [
+            [r["pid"], r["rows"], round(r["committed_at"] - records[0]["committed_at"], 2)]
+            for r in records
+        ],
         "wall_s": round(wall, 1),
         "shards": len(records),
         "errors": result["errors"],

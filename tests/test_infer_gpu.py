@@ -74,6 +74,7 @@ def test_fp8_layers_run_in_float8_and_stay_close_to_bf16(
 ):
     pytest.importorskip("torchao")
     import torch
+    import torch._inductor.config as inductor_config
     from test_infer_loading import first_logits
     from transformers import AutoModelForImageTextToText
 
@@ -94,6 +95,8 @@ def test_fp8_layers_run_in_float8_and_stay_close_to_bf16(
         },
     )
     model, processor, note = load_for_inference(spec, resolve_model_ref(spec, "base"))
+    # torchao's own default would turn on minutes of kernel tuning for every compile after it
+    assert inductor_config.coordinate_descent_tuning is False
     reference = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16)
     reference = reference.to("cuda").eval()
     assert f"float8 linear layers ({scope})" in note
