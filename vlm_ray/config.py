@@ -49,7 +49,13 @@ class ModelSpec(_Section):
     load_in_16bit: bool = Field(True, description="16-bit weights (bf16 where supported).")
     full_finetuning: bool = Field(False, description="Train all weights instead of a LoRA adapter.")
     use_gradient_checkpointing: bool | Literal["unsloth"] = Field(
-        "unsloth", description='True, False or "unsloth" (offloaded checkpointing).'
+        "unsloth",
+        description=(
+            'Unsloth\'s activation checkpointing: "unsloth" (offloaded to host memory), True or '
+            "False (Unsloth's off; the Trainer still checkpoints, TRL's default). Measured at 7B, "
+            '4-bit, batch 4 on an H200: False 6.87 samples/s at 8.39 GiB, "unsloth" 5.12 at '
+            '7.88 (docs/benchmarks.md); True was 15% slower than "unsloth" on an H100.'
+        ),
     )
     trust_remote_code: bool = Field(
         False,
@@ -358,8 +364,8 @@ class InferSpec(_Section):
         False,
         description=(
             "torch.compile the language model's MLPs and RMSNorms (fuses their elementwise work, "
-            "and with fp8: all the float8 scaling of their inputs). Experimental: at the 2B shape "
-            "on an H100 the first batch had not finished after 7 minutes."
+            "and with fp8: all the float8 scaling of their inputs). Experimental: not measured "
+            "at a real shape since infer.fp8 stopped turning on Inductor's slow kernel tuning."
         ),
     )
     fp8: Literal["off", "vision", "all"] = Field(
@@ -368,8 +374,8 @@ class InferSpec(_Section):
             "Run linear layers as float8 GEMMs (torchao, per-row scales; CUDA compute capability "
             "8.9+, the transformers engine only): 'vision' the vision tower's blocks, 'all' every "
             "linear layer but the output head. Faster prefill; outputs close to bf16's, not equal "
-            "(docs/benchmarks.md has speed and fidelity). The first batch compiles for minutes "
-            "(154 s at batch 256 on an H100; at batch 512 not done after 5.5 min): use batch 256."
+            "(docs/benchmarks.md has speed and fidelity). 'vision' took a 2B pool from 121.7 to "
+            "140.2 images/s at batch 512 on an H200; its first batch compiled in 37 s."
         ),
     )
     image_column: str | None = Field(
