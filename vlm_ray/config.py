@@ -51,10 +51,10 @@ class ModelSpec(_Section):
     use_gradient_checkpointing: bool | Literal["unsloth"] = Field(
         "unsloth",
         description=(
-            'Unsloth\'s activation checkpointing: "unsloth" (offloaded to host memory), True or '
-            "False (Unsloth's off; the Trainer still checkpoints, TRL's default). Measured at 7B, "
-            '4-bit, batch 4 on an H200: False 6.87 samples/s at 8.39 GiB, "unsloth" 5.12 at '
-            '7.88 (docs/benchmarks.md); True was 15% slower than "unsloth" on an H100.'
+            'Activation checkpointing: "unsloth" (Unsloth\'s, offloaded to host memory), True or '
+            "False. Measured at 7B, 4-bit, batch 4 on an H200 (Unsloth engine): False 6.87 "
+            'samples/s at 8.39 GiB, "unsloth" 5.12 at 7.88; True was 15% slower than "unsloth" '
+            "on an H100 (docs/benchmarks.md)."
         ),
     )
     trust_remote_code: bool = Field(
