@@ -428,23 +428,6 @@ def prepared_rows(n: int, size: int) -> list[dict]:
     return rows
 
 
-def steady_rates(records: list[dict]) -> dict[str, float]:
-    """Images/s of each actor (by pid) after its first shard (model load, compilation, warm-up).
-
-    `records` are ledger records in commit order; an actor that committed a single shard has no
-    steady rate and is left out.
-    """
-    by_pid: dict[str, list[dict]] = {}
-    for r in records:
-        by_pid.setdefault(str(r["pid"]), []).append(r)
-    rates = {}
-    for pid, done in by_pid.items():
-        span = done[-1]["committed_at"] - done[0]["committed_at"]
-        if len(done) > 1 and span > 0:
-            rates[pid] = round(sum(r["rows"] for r in done[1:]) / span, 2)
-    return rates
-
-
 def mode_c(
     model_dir: Path,
     n: int,
@@ -460,6 +443,7 @@ def mode_c(
     import ray
 
     from vlm_ray.config import parse_spec
+    from vlm_ray.infer.throughput import actor_summary, pool_steady_rate
     from vlm_ray.ledger import ShardLedger
     from vlm_ray.stages.infer import run_infer
     from vlm_ray.storage import LocalStore
@@ -478,7 +462,7 @@ def mode_c(
     records = sorted(
         ShardLedger(LocalStore(run), "predictions/base").records(), key=lambda r: r["committed_at"]
     )
-    per_actor = steady_rates(records)
+    per_actor = actor_summary(records)
     rows = [
         json.loads(x)
         for k in (run / "predictions/base").glob("*.jsonl")
@@ -492,10 +476,9 @@ def mode_c(
         "batch": batch,
         "images": n,
         "end_to_end_images_per_s": round(n / wall, 2),
-        # the pool's steady rate: each actor's own rate after its first shard, summed (one
-        # window from the earliest first shard would count a later actor's warm-up as idle time)
-        "images_per_s": round(sum(per_actor.values()), 2) if per_actor else None,
-        "images_per_s_by_actor": per_actor,
+        # each actor's own rate after its first shard, summed (vlm_ray.infer.throughput)
+        "images_per_s": pool_steady_rate(per_actor),
+        "images_per_s_by_actor": {k: a["steady_images_per_s"] for k, a in per_actor.items()},
         "shard_commits": [
             [r["pid"], r["rows"], round(r["committed_at"] - records[0]["committed_at"], 2)]
             for r in records

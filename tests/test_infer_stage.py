@@ -51,6 +51,9 @@ def test_every_heldout_row_is_predicted_once_per_model_and_a_rerun_redoes_only_u
         manifest = store.read_json(f"{layout.predictions_dir(tag)}/manifest.json")
         assert manifest == result["models"][tag]
         assert (manifest["rows"], len(manifest["shards"]), manifest["shards_run"]) == (6, 3, 3)
+        assert sum(a["shards"] for a in manifest["actors"].values()) == 3, (
+            "every shard run, by actor"
+        )
     assert result["models"]["finetuned"]["model"]["adapter_uri"] == store.uri_of(layout.ADAPTER)
 
     # Lose one shard's commit (as if its actor died after writing the file): only it is redone.

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -121,6 +122,7 @@ class InferActor:
             "seconds": round(seconds, 3),
             "images_per_s": round(len(records) / seconds, 3) if seconds else None,
             "fingerprint": self.fingerprint,
+            "node": socket.gethostname(),
             "pid": os.getpid(),
             "actor_restarted": self.restarted,
         }

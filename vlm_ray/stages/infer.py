@@ -25,6 +25,7 @@ from vlm_ray.config import JobSpec
 from vlm_ray.data.shards import list_shards
 from vlm_ray.infer.loading import ModelRef, resolve_model_ref
 from vlm_ray.infer.pool import ShardTask, run_pool
+from vlm_ray.infer.throughput import actor_summary
 from vlm_ray.ledger import ShardLedger
 from vlm_ray.ray_cluster import cluster_gpus, init_ray
 from vlm_ray.storage import Store, open_store
@@ -200,6 +201,8 @@ def predict_with(
         "shards_skipped": len(shards) - len(ran),
         "wall_s": round(wall, 2),
         "images_per_s": round(rows_ran / wall, 3) if ran else None,
+        # the shards run now, per actor: a slow GPU or a late-starting actor shows here
+        "actors": actor_summary(ran),
     }
     store.write_json(f"{out_prefix}/manifest.json", manifest)
     if manifest.get("input_rows") not in (None, manifest["rows"]):
@@ -208,6 +211,15 @@ def predict_with(
             ref.tag,
             manifest["rows"],
             manifest["input_rows"],
+        )
+    for actor, a in manifest["actors"].items():
+        log.info(
+            "infer[%s]: actor %s: %d shards, %d rows, %s images/s after its first shard",
+            ref.tag,
+            actor,
+            a["shards"],
+            a["rows"],
+            a["steady_images_per_s"],
         )
     log.info(
         "infer[%s]: done in %.1f s: %d rows (%d errors), %d shards run, %d skipped, %s images/s -> %s",

@@ -1,0 +1,36 @@
+"""A pool's throughput per actor, from the shard ledger: each actor's first shard (model load,
+compilation) is left out of its steady rate, and the pool's steady rate sums its actors'."""
+
+from __future__ import annotations
+
+from vlm_ray.infer.throughput import actor_summary, pool_steady_rate
+
+
+def _commit(node: str, pid: int, rows: int, at: float) -> dict:
+    return {"node": node, "pid": pid, "rows": rows, "committed_at": at}
+
+
+def test_each_actor_is_timed_from_its_own_first_shard_and_the_pool_sums_them():
+    records = [
+        _commit("gpu-a", 7, 256, 100.0),  # actor A's first shard: its warm-up, not timed
+        _commit("gpu-a", 7, 256, 102.0),
+        _commit("gpu-a", 7, 256, 104.0),
+        _commit("gpu-b", 7, 256, 110.0),  # same pid on another node: another actor, started late
+        _commit("gpu-b", 7, 256, 114.0),
+    ]
+    summary = actor_summary(records)
+    assert summary == {
+        "gpu-a:7": {"shards": 3, "rows": 768, "steady_images_per_s": 128.0},  # 512 rows / 4 s
+        "gpu-b:7": {"shards": 2, "rows": 512, "steady_images_per_s": 64.0},  # 256 rows / 4 s
+    }
+    # one window from the earliest first shard would give (3 * 256) / 14 s = 54.9 images/s
+    assert pool_steady_rate(summary) == 192.0
+
+
+def test_an_actor_with_one_shard_has_no_steady_rate_and_records_without_a_node_use_the_pid():
+    summary = actor_summary([_commit("", 41, 8, 5.0), {"pid": 42, "rows": 8, "committed_at": 6.0}])
+    assert summary == {
+        "41": {"shards": 1, "rows": 8, "steady_images_per_s": None},
+        "42": {"shards": 1, "rows": 8, "steady_images_per_s": None},
+    }
+    assert pool_steady_rate(summary) is None

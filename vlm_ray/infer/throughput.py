@@ -1,0 +1,40 @@
+"""Per-actor throughput of an inference pool, from the shard ledger's commit records.
+
+Each actor's first shard carries its model load and compilation, so an actor's steady rate is
+the rows of its later shards over the time from its first commit to its last. The pool's steady
+rate is the sum of its actors' (one window from the earliest first commit would count a later
+actor's warm-up as idle time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def actor_of(record: dict[str, Any]) -> str:
+    """The actor that committed a shard: node:pid (pid alone in records from before node was kept)."""
+    node = record.get("node")
+    return f"{node}:{record['pid']}" if node else str(record["pid"])
+
+
+def actor_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Shards, rows and steady images/s (None with a single shard) of each actor in `records`."""
+    by_actor: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(records, key=lambda r: r["committed_at"]):
+        by_actor.setdefault(actor_of(r), []).append(r)
+    summary = {}
+    for actor, done in by_actor.items():
+        span = done[-1]["committed_at"] - done[0]["committed_at"]
+        steady = sum(r["rows"] for r in done[1:]) / span if len(done) > 1 and span > 0 else None
+        summary[actor] = {
+            "shards": len(done),
+            "rows": sum(r["rows"] for r in done),
+            "steady_images_per_s": round(steady, 2) if steady is not None else None,
+        }
+    return summary
+
+
+def pool_steady_rate(summary: dict[str, dict[str, Any]]) -> float | None:
+    """The pool's steady images/s: its actors' steady rates summed (None if no actor has one)."""
+    rates = [a["steady_images_per_s"] for a in summary.values() if a["steady_images_per_s"]]
+    return round(sum(rates), 2) if rates else None
