@@ -264,6 +264,16 @@ class TrainSpec(_Section):
             "instead of one per batch, so a compiled model (Unsloth) stops recompiling on new lengths."
         ),
     )
+    fused_lora: bool = Field(
+        False,
+        description=(
+            "Run each plain LoRA linear layer (one adapter, no dropout, no trainable bias) as one "
+            "autograd function: dequantise, base GEMM and both LoRA GEMMs, the dequantisation "
+            "repeated in backward, instead of PEFT's separate modules: fewer kernel launches and "
+            "Python calls where small batches leave the step CPU-bound. Experimental: outputs and "
+            "gradients match PEFT's in the tests; its speed is not measured yet."
+        ),
+    )
     max_restarts: int = Field(
         3,
         ge=0,

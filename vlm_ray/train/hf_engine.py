@@ -25,6 +25,7 @@ from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import Store
 from vlm_ray.train.collator import VisionSFTCollator
 from vlm_ray.train.dataset import PreparedShardsDataset
+from vlm_ray.train.fused_lora import fuse_lora_layers
 from vlm_ray.train.peft_targets import lora_target_modules
 from vlm_ray.train.saving import save_trained_model
 from vlm_ray.train.trainer_args import common_trainer_kwargs
@@ -117,6 +118,8 @@ def load_hf_model(spec: JobSpec, model_path: str, family: Family) -> tuple[Any, 
                 model, use_gradient_checkpointing=bool(m.use_gradient_checkpointing)
             )
         model = apply_lora(model, spec.lora, family)
+        if spec.train.fused_lora:
+            fuse_lora_layers(model)
     return model, processor, why
 
 
