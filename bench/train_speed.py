@@ -514,14 +514,19 @@ def run_child(mode: str, argv: list[str]) -> dict:
     return {**found[-1], "wall_s": round(time.time() - t)}
 
 
-def summarise(results: dict, shape: str, gpu: str, peak: float) -> str:
-    """A markdown table: samples/s, peak memory, MFU, ratio to the HF baseline."""
-    base = next((r.get("samples_per_s") for m, r in results.items() if m.startswith("hf")), None)
+def summarise(results: dict, shape: str, gpu: str, peak: float, earlier: dict | None = None) -> str:
+    """A markdown table: samples/s, peak memory, MFU, ratio to the HF baseline.
+
+    `earlier`: results of earlier invocations in the same --out at the same shape, batch and
+    image size, where the HF baseline and the model's FLOPs may come from when this one has none.
+    """
+    pool = {**(earlier or {}), **results}
+    base = next((r.get("samples_per_s") for m, r in pool.items() if m.startswith("hf")), None)
     # The model's FLOPs, from a 16-bit mode: a 4-bit model's packed weights count half their params.
     flops = next(
         (
             r["flops_per_sample"]
-            for m, r in results.items()
+            for m, r in pool.items()
             if m.startswith(("hf", "unsloth")) and "unsloth4" not in m and "flops_per_sample" in r
         ),
         None,
@@ -608,12 +613,18 @@ def main() -> None:
     # Several invocations may share one --out (one per variant, in one device call): keep theirs.
     previous = json.loads(out.read_text()) if out.exists() else {"invocations": []}
     earlier = previous.get("invocations", [previous])  # a file from before: one bare record
+    comparable = {
+        mode: r
+        for inv in earlier
+        if (inv.get("shape"), inv.get("batch"), inv.get("image")) == (a.shape, a.batch, a.image)
+        for mode, r in inv.get("results", {}).items()
+    }
     for mode in a.modes.split(","):
         print(f"--- {mode} ({a.shape})", flush=True)
         key = mode + a.label
         results[key] = run_child(mode, argv)
         print(f"{key}: {json.dumps(results[key])}", flush=True)
-        table = summarise(results, a.shape, gpu, peak_flops(gpu))
+        table = summarise(results, a.shape, gpu, peak_flops(gpu), comparable)
         record = {
             "shape": a.shape,
             "gpu": gpu,
