@@ -607,6 +607,7 @@ def main() -> None:
     gpu = subprocess.run(
         ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
     ).stdout.strip()
+    gpu = gpu.splitlines()[0] if gpu else gpu  # one line per GPU on a multi-GPU machine
     results: dict[str, dict] = {}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
