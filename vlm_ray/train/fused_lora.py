@@ -5,9 +5,10 @@ lora_B, a scale and an add, each a Python call, an op dispatch and a node of the
 and again in the gradient checkpoint's recomputation and in backward. With LoRA on every linear
 layer of a 7B vision-language model that is ~9,600 kernel launches per step at batch 4, and the
 step is bound by the CPU issuing them (docs/benchmarks.md, training run 4). Here a layer is one
-`torch.autograd.Function`: dequantise, base GEMM (+ bias), the two LoRA GEMMs folded into one
-addmm, and in backward the dequantisation again (nothing dense is kept) and the four GEMMs the
-gradients need, as Unsloth's LoRA_W does for its text models' projections.
+`torch.autograd.Function`: dequantise, base GEMM (+ bias), x A^T, and B's product added onto
+the base output in place (one addmm); in backward the dequantisation again (no dense weight is
+kept) and the five GEMMs the gradients need, as Unsloth's LoRA_W does for its text models'
+projections.
 
 Only plain LoRA is fused: one active adapter, not merged, no dropout, no DoRA or other variant,
 no trainable bias; a layer that is anything else at call time runs PEFT's own forward.
