@@ -43,11 +43,17 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # skips the dispatch of a no-op .to(): this module exists to issue fewer ops
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T, with gradients for x, A and B only (W and b are frozen).
 
     Computes in compute_dtype(x) with autocast off inside, so that every operand has one dtype
     (LoRA weights are float32 over 4-bit layers) and backward repeats forward's precision.
+    Every product is a 2-D mm/addmm on the flattened tokens (torch.matmul would add a dispatch).
     """
 
     @staticmethod
@@ -61,12 +67,16 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            weight = dense_weight(base_layer).to(dtype)
+            x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+            weight = _as(dense_weight(base_layer), dtype)
             bias = base_layer.bias
-            out = x2 @ weight.t() if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
-            xa = x2 @ lora_a.to(dtype).t()  # tokens x r: small, kept for lora_B's gradient
-            out.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)
+            out = (
+                torch.mm(x2, weight.t())
+                if bias is None
+                else torch.addmm(_as(bias, dtype), x2, weight.t())
+            )
+            xa = torch.mm(x2, _as(lora_a, dtype).t())  # tokens x r: small, kept for B's gradient
+            out.addmm_(xa, _as(lora_b, dtype).t(), alpha=scaling)
         ctx.base_layer = base_layer
         ctx.scaling = scaling
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -78,16 +88,16 @@ class LoraLinearFunction(torch.autograd.Function):
         x2, xa, lora_a, lora_b = ctx.saved_tensors
         s, dtype = ctx.scaling, x2.dtype
         with torch.autocast(x2.device.type, enabled=False):
-            dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            dy_b = dy @ b  # tokens x r
-            grad_a = (dy_b.t() @ x2).mul_(s).to(lora_a.dtype)
-            grad_b = (dy.t() @ xa).mul_(s).to(lora_b.dtype)
+            dy = _as(grad_out.reshape(-1, grad_out.shape[-1]), dtype)
+            a = _as(lora_a, dtype)
+            dy_b = torch.mm(dy, _as(lora_b, dtype))  # tokens x r
+            grad_a = _as(torch.mm(dy_b.t(), x2).mul_(s), lora_a.dtype)
+            grad_b = _as(torch.mm(dy.t(), xa).mul_(s), lora_b.dtype)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                weight = dense_weight(ctx.base_layer).to(dtype)
-                grad_x = (dy @ weight).addmm_(dy_b, a, alpha=s)
-                grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+                weight = _as(dense_weight(ctx.base_layer), dtype)
+                grad_x = torch.mm(dy, weight).addmm_(dy_b, a, alpha=s)
+                grad_x = _as(grad_x.view(ctx.x_shape), ctx.x_dtype)
         return grad_x, None, grad_a, grad_b, None
 
 
