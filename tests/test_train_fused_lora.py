@@ -104,9 +104,12 @@ def test_dropout_disabled_or_merged_adapters_run_peft_s_own_forward():
     torch.testing.assert_close(fused(x), peft_model(x))
 
 
-def test_fusing_keeps_the_state_dict_and_a_copy_stays_fused():
+def test_fusing_keeps_the_state_dict_the_class_path_and_a_copy_stays_fused():
     peft_model, fused = _toy_pair()
     assert fused.state_dict().keys() == peft_model.state_dict().keys()
+    theirs, ours = type(peft_model.base_model.model.up), type(fused.base_model.model.up)
+    assert ours is not theirs and issubclass(ours, theirs)
+    assert (ours.__module__, ours.__qualname__) == (theirs.__module__, theirs.__qualname__)
     copied = copy.deepcopy(fused)
     x = torch.randn(2, 16, requires_grad=True)
     assert type(copied.base_model.model.up(x).grad_fn).__name__ == "LoraLinearFunctionBackward"

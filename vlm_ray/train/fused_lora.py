@@ -143,9 +143,13 @@ _FUSED_CLASSES: dict[type, type] = {}
 
 
 def _fused_class(cls: type) -> type:
-    # Same name as PEFT's class: Unsloth and PEFT tell 4-bit layers apart by class name.
+    # Same name and module as PEFT's class: Unsloth and PEFT tell layers apart by class name
+    # (4-bit vs dense) and module path.
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(cls.__name__, (_FusedLoraForward, cls), {"_fused_lora": True})
+        names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        _FUSED_CLASSES[cls] = type(
+            cls.__name__, (_FusedLoraForward, cls), {**names, "_fused_lora": True}
+        )
     return _FUSED_CLASSES[cls]
 
 
