@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from transformers import TrainerCallback
 
 from vlm_ray.storage import LocalStore
@@ -41,20 +42,26 @@ def _train(spec, store, workdir: Path, resume_from=None, extra=()):
     return train_hf(spec, store, workdir, resume_from, callbacks)
 
 
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, {"group_by_length": True}],
+    ids=["random-batches", "length-grouped-batches"],
+)
 def test_resumed_run_matches_an_uninterrupted_run_step_for_step(
-    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path
+    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path, sampling
 ):
+    train = {**TRAIN, **sampling}
     whole = LocalStore(tmp_path / "whole")
     write_prepared(whole, rows=8)
     _train(
-        tiny_train_spec(tiny_qwen2_vl, tmp_path / "whole", lora=LORA, train=TRAIN),
+        tiny_train_spec(tiny_qwen2_vl, tmp_path / "whole", lora=LORA, train=train),
         whole,
         tmp_path / "w1" / "a",
     )
 
     cut = LocalStore(tmp_path / "cut")
     write_prepared(cut, rows=8)
-    spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "cut", lora=LORA, train=TRAIN)
+    spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "cut", lora=LORA, train=train)
     first = _train(spec, cut, tmp_path / "w2" / "a", extra=[StopAfter(3)])
     assert first["global_step"] == 3
     resume_from = download_latest_checkpoint(cut, tmp_path / "w2" / "resume")

@@ -264,6 +264,14 @@ class TrainSpec(_Section):
             "instead of one per batch, so a compiled model (Unsloth) stops recompiling on new lengths."
         ),
     )
+    group_by_length: bool = Field(
+        False,
+        description=(
+            "Form each step's batch from rows of similar length (image pixels and text), in an "
+            "order shuffled per epoch from train.seed: far less padding when image sizes vary. "
+            "A resumed run sees the same order."
+        ),
+    )
     fused_lora: bool = Field(
         False,
         description=(

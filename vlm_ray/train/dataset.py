@@ -32,10 +32,13 @@ from torch.utils.data import Dataset
 from vlm_ray import layout
 from vlm_ray.data.shards import list_shards
 from vlm_ray.storage import Store
+from vlm_ray.train.length_grouping import lengths_of_tables
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["id", "image", "messages"]
+COLUMNS = ["id", "image", "messages", "width", "height"]
+# in the local cache file's name: a cache written with other columns is never read
+_CACHE_FORMAT = "c2"
 
 
 def list_prepared_shards(store: Store, split: str) -> list[tuple[str, int | None, str | None]]:
@@ -90,7 +93,7 @@ class PreparedShardsDataset(Dataset):
         # Named by content hash where the manifest gives one: a re-prepared run never reads a stale copy.
         digest = self.digests[index]
         name = Path(self.keys[index]).stem + (f"-{digest[:16]}" if digest else "")
-        path = self.cache_dir / f"{name}.arrow"
+        path = self.cache_dir / f"{name}.{_CACHE_FORMAT}.arrow"
         if path.exists():
             return path
         table = pq.read_table(io.BytesIO(self.store.read_bytes(self.keys[index])), columns=COLUMNS)
@@ -123,6 +126,10 @@ class PreparedShardsDataset(Dataset):
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)
         return table
+
+    def lengths(self) -> list[int]:
+        """Every row's length_proxy, in index order (fetches every shard once)."""
+        return lengths_of_tables([self._load(i) for i in range(len(self.keys))])
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard index, row in shard) of global row i."""

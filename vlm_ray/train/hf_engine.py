@@ -26,6 +26,7 @@ from vlm_ray.storage import Store
 from vlm_ray.train.collator import VisionSFTCollator
 from vlm_ray.train.dataset import PreparedShardsDataset
 from vlm_ray.train.fused_lora import fuse_lora_layers
+from vlm_ray.train.length_grouping import with_length_grouping
 from vlm_ray.train.peft_targets import lora_target_modules
 from vlm_ray.train.saving import save_trained_model
 from vlm_ray.train.trainer_args import common_trainer_kwargs
@@ -172,7 +173,10 @@ def train_hf(
         dtype=None if spec.model.load_in_4bit or spec.model.load_in_8bit else model.dtype,
         pad_to_multiple_of=spec.train.pad_to_multiple_of,
     )
-    trainer = Trainer(
+    trainer_cls = Trainer
+    if spec.train.group_by_length:
+        trainer_cls = with_length_grouping(Trainer, dataset.lengths(), spec.train.seed)
+    trainer = trainer_cls(
         model=model,
         args=training_arguments(spec, workdir / "trainer", bf16, fp16),
         train_dataset=dataset,

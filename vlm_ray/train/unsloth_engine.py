@@ -126,6 +126,17 @@ def prepared_train_dataset(store: Store, workdir: Path) -> Any:
     """
     from datasets import Dataset
 
+    local = workdir / "prepared-train"
+    ds = Dataset.from_parquet(
+        local_train_shards(store, workdir),
+        columns=["id", "image", "messages"],
+        cache_dir=str(local / "cache"),
+    )
+    return ds.with_transform(_as_collator_examples)
+
+
+def local_train_shards(store: Store, workdir: Path) -> list[str]:
+    """The prepared train shards as local parquet files, in shard order (fetched once)."""
     from vlm_ray.train.dataset import list_prepared_shards
 
     local = workdir / "prepared-train"
@@ -137,10 +148,19 @@ def prepared_train_dataset(store: Store, workdir: Path) -> Any:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(store.read_bytes(key))
         files.append(str(dest))
-    ds = Dataset.from_parquet(
-        files, columns=["id", "image", "messages"], cache_dir=str(local / "cache")
+    return files
+
+
+def train_lengths(store: Store, workdir: Path) -> list[int]:
+    """Every train row's length_proxy, in the dataset's order (for train.group_by_length)."""
+    import pyarrow.parquet as pq
+
+    from vlm_ray.train.length_grouping import lengths_of_tables
+
+    columns = ["width", "height", "messages"]
+    return lengths_of_tables(
+        [pq.read_table(f, columns=columns) for f in local_train_shards(store, workdir)]
     )
-    return ds.with_transform(_as_collator_examples)
 
 
 def _as_collator_examples(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -178,7 +198,13 @@ def train_unsloth(
     collator = build_unsloth_collator(spec, model, processor, family)
     train_ds = prepared_train_dataset(store, workdir)
     torch.cuda.reset_peak_memory_stats()
-    trainer = SFTTrainer(
+    trainer_cls = SFTTrainer
+    if spec.train.group_by_length:
+        from vlm_ray.train.length_grouping import with_length_grouping
+
+        lengths = train_lengths(store, workdir)
+        trainer_cls = with_length_grouping(SFTTrainer, lengths, spec.train.seed)
+    trainer = trainer_cls(
         model=model,
         processing_class=processor,
         data_collator=collator,
