@@ -311,14 +311,21 @@ def test_fused_lora_gives_unsloth_s_4bit_layers_the_same_loss_and_gradients(
         assert cos > 0.99, f"{name}: cosine {cos:.4f}"
 
 
-def test_unsloth_engine_trains_with_fused_lora(tiny_qwen2_vl: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "train_overrides",
+    [{"fused_lora": True}, {"group_by_length": True}],
+    ids=["fused-lora", "length-grouped"],
+)
+def test_unsloth_engine_trains_4bit_with_the_opt_in_speed_levers(
+    tiny_qwen2_vl: Path, tmp_path: Path, train_overrides: dict
+) -> None:
     from vlm_ray.config import parse_spec
     from vlm_ray.storage import LocalStore
     from vlm_ray.train.unsloth_engine import train_unsloth
 
     store = LocalStore(tmp_path / "run")
     _write_prepared(store, rows=8)
-    raw, _ = _spec(tiny_qwen2_vl, store.uri, max_steps=3, fused_lora=True)
+    raw, _ = _spec(tiny_qwen2_vl, store.uri, max_steps=3, **train_overrides)
     raw["model"]["load_in_4bit"] = True
     summary = train_unsloth(
         parse_spec(raw), store, tmp_path / "work", resume_from=None, callbacks=[]
