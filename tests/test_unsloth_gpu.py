@@ -203,12 +203,18 @@ def test_unsloth_train_stage_saves_an_adapter_that_loads_with_unsloth_and_with_p
 
 
 @pytest.mark.parametrize(
-    "model_overrides",
-    [{"load_in_4bit": True}, {"full_finetuning": True}],
-    ids=["qlora-4bit", "full-finetuning"],
+    ("model_overrides", "train_overrides"),
+    [
+        ({"load_in_4bit": True}, {}),
+        ({"full_finetuning": True}, {}),
+        # the opt-in speed levers, on 4-bit layers
+        ({"load_in_4bit": True}, {"fused_lora": True}),
+        ({"load_in_4bit": True}, {"group_by_length": True}),
+    ],
+    ids=["qlora-4bit", "full-finetuning", "qlora-4bit-fused-lora", "qlora-4bit-length-grouped"],
 )
 def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
-    tiny_qwen2_vl: Path, tmp_path: Path, model_overrides: dict
+    tiny_qwen2_vl: Path, tmp_path: Path, model_overrides: dict, train_overrides: dict
 ) -> None:
     from vlm_ray import layout
     from vlm_ray.config import parse_spec
@@ -217,7 +223,7 @@ def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
 
     store = LocalStore(tmp_path / "run")
     _write_prepared(store, rows=8)
-    raw, _ = _spec(tiny_qwen2_vl, store.uri, max_steps=3)
+    raw, _ = _spec(tiny_qwen2_vl, store.uri, max_steps=3, **train_overrides)
     raw["model"].update(model_overrides)
     spec = parse_spec(raw)
     summary = train_unsloth(spec, store, tmp_path / "work", resume_from=None, callbacks=[])
@@ -309,26 +315,3 @@ def test_fused_lora_gives_unsloth_s_4bit_layers_the_same_loss_and_gradients(
             got[name].flatten(), want[name].flatten(), dim=0
         )
         assert cos > 0.99, f"{name}: cosine {cos:.4f}"
-
-
-@pytest.mark.parametrize(
-    "train_overrides",
-    [{"fused_lora": True}, {"group_by_length": True}],
-    ids=["fused-lora", "length-grouped"],
-)
-def test_unsloth_engine_trains_4bit_with_the_opt_in_speed_levers(
-    tiny_qwen2_vl: Path, tmp_path: Path, train_overrides: dict
-) -> None:
-    from vlm_ray.config import parse_spec
-    from vlm_ray.storage import LocalStore
-    from vlm_ray.train.unsloth_engine import train_unsloth
-
-    store = LocalStore(tmp_path / "run")
-    _write_prepared(store, rows=8)
-    raw, _ = _spec(tiny_qwen2_vl, store.uri, max_steps=3, **train_overrides)
-    raw["model"]["load_in_4bit"] = True
-    summary = train_unsloth(
-        parse_spec(raw), store, tmp_path / "work", resume_from=None, callbacks=[]
-    )
-    assert summary["global_step"] == 3 and summary["kind"] == "adapter"
-    assert summary["train_loss"] > 0
