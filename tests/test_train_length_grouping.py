@@ -12,9 +12,10 @@ from vlm_ray.train.dataset import PreparedShardsDataset
 from vlm_ray.train.length_grouping import (
     SeededLengthGroupedSampler,
     length_proxy,
+    lengths_of_parquet,
     with_length_grouping,
 )
-from vlm_ray.train.unsloth_engine import train_lengths
+from vlm_ray.train.unsloth_engine import local_train_shards
 
 
 def _padding(order: list[int], lengths: list[int], batch: int) -> int:
@@ -59,7 +60,7 @@ def test_both_engines_see_the_same_lengths_in_the_same_order(write_prepared, tmp
     store = LocalStore(tmp_path / "run")
     write_prepared(store, rows=6, rows_per_shard=4)  # two shards: order across shards counts
     ours = PreparedShardsDataset(store, "train", tmp_path / "cache").lengths()
-    assert ours == train_lengths(store, tmp_path / "work")
+    assert ours == lengths_of_parquet(local_train_shards(store, tmp_path / "work"))
     assert len(ours) == 6 and len(set(ours)) > 1  # 56x56 and 84x56 images
 
 

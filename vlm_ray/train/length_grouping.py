@@ -30,6 +30,10 @@ def length_proxy(width: int, height: int, messages_json: str) -> int:
     return width * height // PIXELS_PER_TOKEN + len(messages_json) // CHARS_PER_TOKEN
 
 
+# the prepared-shard columns length_proxy reads
+LENGTH_COLUMNS = ["width", "height", "messages"]
+
+
 def lengths_of_tables(tables: Sequence[Any]) -> list[int]:
     """length_proxy of every row of these Arrow tables (prepared shards), in order."""
     out: list[int] = []
@@ -39,6 +43,13 @@ def lengths_of_tables(tables: Sequence[Any]) -> list[int]:
         messages = table.column("messages").to_pylist()
         out += [length_proxy(w, h, m) for w, h, m in zip(widths, heights, messages, strict=True)]
     return out
+
+
+def lengths_of_parquet(paths: Sequence[str]) -> list[int]:
+    """length_proxy of every row of these local prepared-shard parquet files, in order."""
+    import pyarrow.parquet as pq
+
+    return lengths_of_tables([pq.read_table(p, columns=LENGTH_COLUMNS) for p in paths])
 
 
 class SeededLengthGroupedSampler(Sampler[int]):

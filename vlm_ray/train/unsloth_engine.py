@@ -115,8 +115,8 @@ def sft_config(spec: JobSpec, output_dir: Path, bf16_supported: bool) -> Any:
     )
 
 
-def prepared_train_dataset(store: Store, workdir: Path) -> Any:
-    """The prepared train split as a datasets.Dataset that yields Unsloth collator examples.
+def prepared_train_dataset(files: list[str], workdir: Path) -> Any:
+    """The prepared train split (local_train_shards' files) as a datasets.Dataset of collator examples.
 
     A datasets.Dataset, not the CPU engine's torch Dataset: Unsloth's patched TRL SFTTrainer
     accepts only Dataset/IterableDataset or a list. The shards are memory-mapped Arrow (not
@@ -126,11 +126,8 @@ def prepared_train_dataset(store: Store, workdir: Path) -> Any:
     """
     from datasets import Dataset
 
-    local = workdir / "prepared-train"
     ds = Dataset.from_parquet(
-        local_train_shards(store, workdir),
-        columns=["id", "image", "messages"],
-        cache_dir=str(local / "cache"),
+        files, columns=["id", "image", "messages"], cache_dir=str(workdir / "prepared-train/cache")
     )
     return ds.with_transform(_as_collator_examples)
 
@@ -149,18 +146,6 @@ def local_train_shards(store: Store, workdir: Path) -> list[str]:
             dest.write_bytes(store.read_bytes(key))
         files.append(str(dest))
     return files
-
-
-def train_lengths(store: Store, workdir: Path) -> list[int]:
-    """Every train row's length_proxy, in the dataset's order (for train.group_by_length)."""
-    import pyarrow.parquet as pq
-
-    from vlm_ray.train.length_grouping import lengths_of_tables
-
-    columns = ["width", "height", "messages"]
-    return lengths_of_tables(
-        [pq.read_table(f, columns=columns) for f in local_train_shards(store, workdir)]
-    )
 
 
 def _as_collator_examples(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -196,14 +181,14 @@ def train_unsloth(
     )
     model, processor = load_unsloth_model(spec, model_path)
     collator = build_unsloth_collator(spec, model, processor, family)
-    train_ds = prepared_train_dataset(store, workdir)
+    files = local_train_shards(store, workdir)
+    train_ds = prepared_train_dataset(files, workdir)
     torch.cuda.reset_peak_memory_stats()
     trainer_cls = SFTTrainer
     if spec.train.group_by_length:
-        from vlm_ray.train.length_grouping import with_length_grouping
+        from vlm_ray.train.length_grouping import lengths_of_parquet, with_length_grouping
 
-        lengths = train_lengths(store, workdir)
-        trainer_cls = with_length_grouping(SFTTrainer, lengths, spec.train.seed)
+        trainer_cls = with_length_grouping(SFTTrainer, lengths_of_parquet(files), spec.train.seed)
     trainer = trainer_cls(
         model=model,
         processing_class=processor,
