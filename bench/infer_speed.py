@@ -443,7 +443,7 @@ def mode_c(
     import ray
 
     from vlm_ray.config import parse_spec
-    from vlm_ray.infer.throughput import actor_summary, pool_steady_rate
+    from vlm_ray.infer.throughput import pool_steady_rate
     from vlm_ray.ledger import ShardLedger
     from vlm_ray.stages.infer import run_infer
     from vlm_ray.storage import LocalStore
@@ -462,7 +462,7 @@ def mode_c(
     records = sorted(
         ShardLedger(LocalStore(run), "predictions/base").records(), key=lambda r: r["committed_at"]
     )
-    per_actor = actor_summary(records)
+    per_actor = result["actors"]  # the stage's own per-actor summary (vlm_ray.infer.throughput)
     rows = [
         json.loads(x)
         for k in (run / "predictions/base").glob("*.jsonl")
@@ -476,7 +476,7 @@ def mode_c(
         "batch": batch,
         "images": n,
         "end_to_end_images_per_s": round(n / wall, 2),
-        # each actor's own rate after its first shard, summed (vlm_ray.infer.throughput)
+        # each actor's own rate after its first shard, summed
         "images_per_s": pool_steady_rate(per_actor),
         "images_per_s_by_actor": {k: a["steady_images_per_s"] for k, a in per_actor.items()},
         "shard_commits": [
