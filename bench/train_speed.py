@@ -463,11 +463,12 @@ def mode_stage(a, model_dir: Path) -> dict:
             import torch
             import unsloth  # noqa: F401  (first)
 
+            from vlm_ray.train.activation_checkpointing import CheckpointingReport
             from vlm_ray.train.step_profiler import StepProfiler
             from vlm_ray.train.unsloth_engine import train_unsloth
 
-            clock = make_clock()
-            callbacks = [clock]
+            clock, checkpointing = make_clock(), CheckpointingReport()
+            callbacks = [clock, checkpointing]
             if a.profile_steps:  # the stage's own profiler (train.profile_steps), after the timing
                 callbacks.append(StepProfiler(store, a.warmup + a.steps, a.profile_steps))
             summary = train_unsloth(spec, store, Path("/tmp/bench_stage_work"), None, callbacks)
@@ -479,6 +480,7 @@ def mode_stage(a, model_dir: Path) -> dict:
                     else {}
                 ),
                 "peak_gib": summary["peak_gpu_memory_gib"],
+                **checkpointing.summary(),
                 "gpu": torch.cuda.get_device_name(0),
             }
 

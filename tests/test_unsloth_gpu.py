@@ -240,6 +240,41 @@ def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
         assert cfg["r"] == spec.lora.r
 
 
+def test_checkpointing_off_trains_the_same_steps_as_unsloth_s_and_checkpoints_no_layer(
+    tiny_qwen2_vl: Path, tmp_path: Path
+) -> None:
+    """model.use_gradient_checkpointing: false reaches the Trainer too (TRL would checkpoint
+    anyway), and only moves memory and time: the losses are the default's."""
+    from vlm_ray.config import parse_spec
+    from vlm_ray.storage import LocalStore
+    from vlm_ray.train.activation_checkpointing import CheckpointingReport
+    from vlm_ray.train.metrics_log import MetricsLog, read_metrics
+    from vlm_ray.train.unsloth_engine import train_unsloth
+
+    runs = {}
+    for name, gc, every in [("unsloth", "unsloth", 1), ("off", False, 1), ("every-2nd", True, 2)]:
+        store = LocalStore(tmp_path / name)
+        _write_prepared(store, rows=8)
+        raw, _ = _spec(
+            tiny_qwen2_vl, store.uri, max_steps=3, logging_steps=1, checkpoint_every_n_layers=every
+        )
+        raw["model"].update(load_in_4bit=True, use_gradient_checkpointing=gc)
+        report = CheckpointingReport()
+        train_unsloth(
+            parse_spec(raw), store, tmp_path / f"work-{name}", None, [MetricsLog(store), report]
+        )
+        runs[name] = (report.layers, [r["loss"] for r in read_metrics(store) if "loss" in r])
+
+    (done_off, total), losses_off = runs["off"]
+    assert total > 2 and done_off == 0
+    assert runs["every-2nd"][0] == ((total + 1) // 2, total)
+    assert runs["unsloth"][0][0] > 0
+    assert len(losses_off) == 3
+    for name in ("unsloth", "every-2nd"):
+        # recomputation changes what is kept, not what is computed (bf16 kernels may differ a little)
+        assert runs[name][1] == pytest.approx(losses_off, rel=2e-2), name
+
+
 def test_killed_unsloth_train_actor_resumes_from_its_checkpoint_on_the_gpu(
     tiny_qwen2_vl: Path, ray_cluster: None, tmp_path: Path
 ) -> None:

@@ -282,6 +282,16 @@ class TrainSpec(_Section):
             "gradients match PEFT's in the tests; its speed is not measured yet."
         ),
     )
+    checkpoint_every_n_layers: int = Field(
+        1,
+        ge=1,
+        description=(
+            "With model.use_gradient_checkpointing on, checkpoint only every n-th layer "
+            "(transformers' every_n_layers): the other layers keep their activations, so less "
+            "is recomputed in backward for more memory. 1 = every layer. The train log says how "
+            "many layers ended up checkpointed."
+        ),
+    )
     max_restarts: int = Field(
         3,
         ge=0,

@@ -48,6 +48,7 @@ def _node_workdir(spec: JobSpec) -> Path:
 
 def train_in_this_process(spec: JobSpec, store: Store) -> dict[str, Any]:
     """Resume from the newest checkpoint (if any), train with the chosen engine, write model_info.json."""
+    from vlm_ray.train.activation_checkpointing import CheckpointingReport
     from vlm_ray.train.checkpoints import CheckpointSync, download_latest_checkpoint
     from vlm_ray.train.engine import choose_engine
     from vlm_ray.train.metrics_log import MetricsLog
@@ -61,7 +62,12 @@ def train_in_this_process(spec: JobSpec, store: Store) -> dict[str, Any]:
     try:
         resume_from = download_latest_checkpoint(store, workdir / "resume")
         # MetricsLog first: its flush at each save lands before the checkpoint is marked complete.
-        callbacks = [MetricsLog(store), CheckpointSync(store, keep=spec.train.save_total_limit)]
+        checkpointing = CheckpointingReport()
+        callbacks = [
+            MetricsLog(store),
+            CheckpointSync(store, keep=spec.train.save_total_limit),
+            checkpointing,
+        ]
         if spec.train.profile_steps:
             from vlm_ray.train.step_profiler import StepProfiler
 
@@ -77,7 +83,7 @@ def train_in_this_process(spec: JobSpec, store: Store) -> dict[str, Any]:
             result = train_hf(spec, store, workdir, resume_from, callbacks)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    result.update(engine=engine, engine_reason=reason)
+    result.update(engine=engine, engine_reason=reason, **checkpointing.summary())
     kind = result.get("kind", "adapter")
     store.write_json(
         layout.MODEL_INFO,

@@ -23,6 +23,7 @@ from vlm_ray.models.families import Family, family_of
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import Store
+from vlm_ray.train.activation_checkpointing import trainer_checkpointing_kwargs
 from vlm_ray.train.collator import VisionSFTCollator
 from vlm_ray.train.dataset import PreparedShardsDataset
 from vlm_ray.train.fused_lora import fuse_lora_layers
@@ -131,8 +132,7 @@ def training_arguments(spec: JobSpec, output_dir: Path, bf16: bool, fp16: bool) 
     return TrainingArguments(
         **common_trainer_kwargs(spec, output_dir, bf16, fp16),
         dataloader_pin_memory=torch.cuda.is_available(),
-        gradient_checkpointing=bool(spec.model.use_gradient_checkpointing),
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **trainer_checkpointing_kwargs(spec, {"use_reentrant": False}),
         disable_tqdm=True,  # MetricsLog prints one progress line per logging step
     )
 

@@ -27,6 +27,7 @@ from vlm_ray.models.families import Family, family_of
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import Store
+from vlm_ray.train.activation_checkpointing import trainer_checkpointing_kwargs
 from vlm_ray.train.saving import save_trained_model
 from vlm_ray.train.trainer_args import common_trainer_kwargs
 
@@ -112,6 +113,9 @@ def sft_config(spec: JobSpec, output_dir: Path, bf16_supported: bool) -> Any:
         dataset_text_field="",
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=spec.model.max_seq_length,
+        # SFTConfig defaults gradient_checkpointing to true: without this, "false" would still
+        # checkpoint every layer through the Trainer
+        **trainer_checkpointing_kwargs(spec),
     )
 
 

@@ -1,0 +1,84 @@
+"""Activation checkpointing: model.use_gradient_checkpointing and train.checkpoint_every_n_layers
+reach the Trainer, and the run says how many layers ended up checkpointed."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlm_ray.config import parse_spec
+from vlm_ray.stages.train import train_in_this_process
+from vlm_ray.storage import LocalStore
+from vlm_ray.train.activation_checkpointing import trainer_checkpointing_kwargs
+from vlm_ray.train.settings_guard import training_settings
+from vlm_ray.train.unsloth_engine import sft_config
+
+TRAIN = {
+    "engine": "hf",
+    "per_device_train_batch_size": 2,
+    "max_steps": 2,
+    "save_steps": 100,
+    "warmup_steps": 0,
+}
+
+
+def _spec(gc, every=1):
+    return parse_spec(
+        {
+            "model": {"name": "unused", "use_gradient_checkpointing": gc},
+            "data": {"source": "unused"},
+            # fp32: SFTConfig refuses bf16/fp16 on a machine without a GPU
+            "train": {"checkpoint_every_n_layers": every, "bf16": False, "fp16": False},
+        }
+    )
+
+
+def test_false_reaches_trl_whose_sft_config_would_otherwise_checkpoint_anyway(tmp_path):
+    # TRL's SFTConfig defaults gradient_checkpointing to true: "false" has to be said to it.
+    assert sft_config(_spec("unsloth"), tmp_path, bf16_supported=False).gradient_checkpointing
+    assert not sft_config(_spec(False), tmp_path, bf16_supported=False).gradient_checkpointing
+
+
+def test_every_n_layers_goes_to_the_trainer_only_when_checkpointing_is_on():
+    assert trainer_checkpointing_kwargs(_spec(True, every=3)) == {
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"every_n_layers": 3},
+    }
+    assert trainer_checkpointing_kwargs(_spec(False, every=3)) == {
+        "gradient_checkpointing": False,
+        "gradient_checkpointing_kwargs": None,
+    }
+    # the Unsloth engine leaves torch's checkpoint arguments to TRL and Unsloth, as the notebooks do
+    assert trainer_checkpointing_kwargs(_spec("unsloth"))["gradient_checkpointing_kwargs"] is None
+
+
+def test_which_layers_are_checkpointed_is_not_a_training_setting(tmp_path):
+    store = LocalStore(tmp_path / "run")
+    assert training_settings(_spec(True), store) == training_settings(_spec(True, every=2), store)
+    assert training_settings(_spec(True), store) != training_settings(_spec(False), store)
+
+
+@pytest.mark.parametrize(
+    ("gc", "every", "expected"),
+    [(True, 1, "all"), (True, 2, "half"), (False, 1, "none")],
+    ids=["every-layer", "every-2nd-layer", "off"],
+)
+def test_the_run_reports_how_many_layers_were_checkpointed(
+    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path, gc, every, expected
+):
+    store = LocalStore(tmp_path / "run")
+    write_prepared(store, rows=4)
+    spec = tiny_train_spec(
+        tiny_qwen2_vl,
+        tmp_path / "run",
+        model={"use_gradient_checkpointing": gc},
+        train={**TRAIN, "checkpoint_every_n_layers": every},
+    )
+
+    result = train_in_this_process(spec, store)
+
+    done, total = map(int, result["checkpointed_layers"].split("/"))
+    assert total > 2  # the vision blocks and the decoder layers
+    want = {"all": total, "half": (total + 1) // 2, "none": 0}[expected]
+    # every_n_layers counts across the whole model (vision blocks, then decoder layers)
+    assert done == want
+    assert result["global_step"] == 2
