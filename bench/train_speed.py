@@ -467,7 +467,7 @@ def mode_stage(a, model_dir: Path) -> dict:
             from vlm_ray.train.step_profiler import StepProfiler
             from vlm_ray.train.unsloth_engine import train_unsloth
 
-            clock, checkpointing = make_clock(), CheckpointingReport()
+            clock, checkpointing = make_clock(), CheckpointingReport(spec.train.checkpoint_scope)
             callbacks = [clock, checkpointing]
             if a.profile_steps:  # the stage's own profiler (train.profile_steps), after the timing
                 callbacks.append(StepProfiler(store, a.warmup + a.steps, a.profile_steps))

@@ -4,6 +4,7 @@ reach the Trainer, and the run says how many layers ended up checkpointed."""
 from __future__ import annotations
 
 import pytest
+from transformers import AutoConfig
 
 from vlm_ray.config import parse_spec
 from vlm_ray.stages.train import train_in_this_process
@@ -58,12 +59,18 @@ def test_which_layers_are_checkpointed_is_not_a_training_setting(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("gc", "every", "expected"),
-    [(True, 1, "all"), (True, 2, "half"), (False, 1, "none")],
-    ids=["every-layer", "every-2nd-layer", "off"],
+    ("gc", "every", "scope", "expected"),
+    [
+        (True, 1, "all", "all"),
+        (True, 2, "all", "half"),
+        (False, 1, "all", "none"),
+        (True, 1, "vision", "vision"),
+        (True, 1, "language", "language"),
+    ],
+    ids=["every-layer", "every-2nd-layer", "off", "vision-only", "language-only"],
 )
 def test_the_run_reports_how_many_layers_were_checkpointed(
-    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path, gc, every, expected
+    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path, gc, every, scope, expected
 ):
     store = LocalStore(tmp_path / "run")
     write_prepared(store, rows=4)
@@ -71,14 +78,22 @@ def test_the_run_reports_how_many_layers_were_checkpointed(
         tiny_qwen2_vl,
         tmp_path / "run",
         model={"use_gradient_checkpointing": gc},
-        train={**TRAIN, "checkpoint_every_n_layers": every},
+        train={**TRAIN, "checkpoint_every_n_layers": every, "checkpoint_scope": scope},
     )
 
     result = train_in_this_process(spec, store)
 
     done, total = map(int, result["checkpointed_layers"].split("/"))
-    assert total > 2  # the vision blocks and the decoder layers
-    want = {"all": total, "half": (total + 1) // 2, "none": 0}[expected]
-    # every_n_layers counts across the whole model (vision blocks, then decoder layers)
+    config = AutoConfig.from_pretrained(tiny_qwen2_vl)
+    vision, language = config.vision_config.depth, config.text_config.num_hidden_layers
+    assert total == vision + language
+    want = {
+        "all": total,
+        # every_n_layers counts across the whole model (vision blocks, then decoder layers)
+        "half": (total + 1) // 2,
+        "none": 0,
+        "vision": vision,
+        "language": language,
+    }[expected]
     assert done == want
     assert result["global_step"] == 2

@@ -292,6 +292,14 @@ class TrainSpec(_Section):
             "many layers ended up checkpointed."
         ),
     )
+    checkpoint_scope: Literal["all", "vision", "language"] = Field(
+        "all",
+        description=(
+            "With model.use_gradient_checkpointing on, which layers are checkpointed: all, only "
+            "the vision tower's blocks, or only the language model's layers (the others keep "
+            "their activations). A middle ground between checkpointing everything and nothing."
+        ),
+    )
     max_restarts: int = Field(
         3,
         ge=0,

@@ -62,7 +62,7 @@ def train_in_this_process(spec: JobSpec, store: Store) -> dict[str, Any]:
     try:
         resume_from = download_latest_checkpoint(store, workdir / "resume")
         # MetricsLog first: its flush at each save lands before the checkpoint is marked complete.
-        checkpointing = CheckpointingReport()
+        checkpointing = CheckpointingReport(spec.train.checkpoint_scope)
         callbacks = [
             MetricsLog(store),
             CheckpointSync(store, keep=spec.train.save_total_limit),

@@ -38,30 +38,63 @@ def trainer_checkpointing_kwargs(
     }
 
 
-def checkpointed_layers(model: Any) -> tuple[int, int]:
-    """(checkpointed, all) over the model's repeated blocks (transformers' GradientCheckpointingLayer)."""
+_VISION_TOWERS = ("visual", "vision_tower", "vision_model")
+
+
+def _layers(model: Any) -> list[Any]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def vision_layers(model: Any) -> set[int]:
+    """ids of the repeated blocks inside the model's vision tower."""
+    from vlm_ray.models.submodules import inner_module
+
+    inside: set[int] = set()
+    for name in _VISION_TOWERS:
+        tower = inner_module(model, name)
+        if tower is not None:
+            inside.update(id(m) for m in tower.modules())
+    return {id(m) for m in _layers(model) if id(m) in inside}
+
+
+def limit_checkpointing(model: Any, scope: str) -> None:
+    """Turn checkpointing off for the layers outside `scope` ("vision" or "language"; "all": none)."""
+    if scope == "all":
+        return
+    vision = vision_layers(model)
+    for layer in _layers(model):
+        if (id(layer) in vision) != (scope == "vision"):
+            layer.gradient_checkpointing = False
+
+
+def checkpointed_layers(model: Any) -> tuple[int, int]:
+    """(checkpointed, all) over the model's repeated blocks (transformers' GradientCheckpointingLayer)."""
+    layers = _layers(model)
     return sum(bool(m.gradient_checkpointing) for m in layers), len(layers)
 
 
 class CheckpointingReport(TrainerCallback):
-    """Log, when training begins, how many layers are checkpointed; keep it for the run summary."""
+    """When training begins (after the Trainer turned checkpointing on): apply train.checkpoint_scope,
+    then log how many layers are checkpointed and keep it for the run summary."""
 
-    def __init__(self) -> None:
+    def __init__(self, scope: str = "all") -> None:
+        self.scope = scope
         self.layers: tuple[int, int] | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             return
+        limit_checkpointing(model, self.scope)
         self.layers = checkpointed_layers(model)
         done, total = self.layers
         log.info(
-            "train: activation checkpointing on %d of %d layers (model.use_gradient_checkpointing"
-            "=%s, Trainer gradient_checkpointing=%s)",
+            "train: activation checkpointing on %d of %d layers (scope %s; "
+            "model.use_gradient_checkpointing=%s, Trainer gradient_checkpointing=%s)",
             done,
             total,
+            self.scope,
             getattr(model, "_unsloth_gradient_checkpointing", "n/a"),
             args.gradient_checkpointing,
         )

@@ -22,7 +22,8 @@ _OPERATIONAL = {
     "train.profile_steps",
     "train.profile_start_step",
     "train.fused_lora",
-    "train.checkpoint_every_n_layers",  # what is recomputed in backward, not what is computed  # the same arithmetic through fewer kernels; a resume may switch it
+    "train.checkpoint_every_n_layers",
+    "train.checkpoint_scope",  # what is recomputed in backward, not what is computed  # the same arithmetic through fewer kernels; a resume may switch it
     "model.name",  # the same model may be reached by another path or URI; the data digest and knobs decide
 }
 
