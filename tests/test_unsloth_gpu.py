@@ -207,11 +207,10 @@ def test_unsloth_train_stage_saves_an_adapter_that_loads_with_unsloth_and_with_p
     [
         ({"load_in_4bit": True}, {}),
         ({"full_finetuning": True}, {}),
-        # the opt-in speed levers, on 4-bit layers
-        ({"load_in_4bit": True}, {"fused_lora": True}),
+        # an opt-in speed lever, on 4-bit layers
         ({"load_in_4bit": True}, {"group_by_length": True}),
     ],
-    ids=["qlora-4bit", "full-finetuning", "qlora-4bit-fused-lora", "qlora-4bit-length-grouped"],
+    ids=["qlora-4bit", "full-finetuning", "qlora-4bit-length-grouped"],
 )
 def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
     tiny_qwen2_vl: Path, tmp_path: Path, model_overrides: dict, train_overrides: dict
@@ -298,55 +297,3 @@ def test_killed_unsloth_train_actor_resumes_from_its_checkpoint_on_the_gpu(
     )
     summary, _ = kill_mid_run_and_finish(spec, store)
     assert summary["engine"] == "unsloth"
-
-
-def test_fused_lora_gives_unsloth_s_4bit_layers_the_same_loss_and_gradients(
-    tiny_qwen2_vl: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """train.fused_lora on Unsloth's 4-bit model: the base weight dequantised inside the function."""
-    import torch
-
-    from vlm_ray.config import parse_spec
-    from vlm_ray.models.families import family_of
-    from vlm_ray.train.fused_lora import LoraLinearFunction, fuse_lora_layers
-    from vlm_ray.train.unsloth_engine import build_unsloth_collator, load_unsloth_model
-
-    raw, _ = _spec(tiny_qwen2_vl, "unused")
-    raw["model"]["load_in_4bit"] = True
-    spec = parse_spec(raw)
-    model, processor = load_unsloth_model(spec, str(tiny_qwen2_vl))
-    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
-    assert quantized, "the tiny model has 4-bit LoRA layers to fuse"
-    with torch.no_grad():  # PEFT starts lora_B at zero; random values make the check real
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5, generator=generator)
-    collator = build_unsloth_collator(spec, model, processor, family_of(tiny_qwen2_vl))
-    batch = {k: v.to("cuda") if hasattr(v, "to") else v for k, v in collator(_examples(4)).items()}
-
-    def loss_and_grads() -> tuple[float, dict]:
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # as the Trainer runs it (bf16)
-            loss = model(**batch).loss
-        loss.backward()
-        grads = {
-            n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None
-        }
-        return loss.item(), grads
-
-    want_loss, want = loss_and_grads()
-    calls = []
-    apply = LoraLinearFunction.apply
-    monkeypatch.setattr(LoraLinearFunction, "apply", lambda *a: calls.append(1) or apply(*a))
-    layers = fuse_lora_layers(model)
-    got_loss, got = loss_and_grads()
-
-    assert layers >= len(quantized) and len(calls) >= len(quantized)
-    assert abs(got_loss - want_loss) < 0.02 * abs(want_loss)
-    assert got.keys() == want.keys() and any("lora_A" in n for n in got)
-    for name in want:
-        cos = torch.nn.functional.cosine_similarity(
-            got[name].flatten(), want[name].flatten(), dim=0
-        )
-        assert cos > 0.99, f"{name}: cosine {cos:.4f}"

@@ -52,9 +52,9 @@ class ModelSpec(_Section):
         "unsloth",
         description=(
             'Activation checkpointing: "unsloth" (Unsloth\'s, offloaded to host memory), True or '
-            "False. Measured at 7B, 4-bit, batch 4 on an H200 (Unsloth engine): False 6.87 "
-            'samples/s at 8.39 GiB, "unsloth" 5.12 at 7.88; True was 15% slower than "unsloth" '
-            "on an H100 (docs/benchmarks.md)."
+            "False (none, in the Trainer too). Measured at 7B, 4-bit, batch 4 on an H200: "
+            '"unsloth" 5.12 samples/s at 7.88 GiB; True with train.checkpoint_scope: vision 9.23 at '
+            "13.92; False 10.96 at 19.59 (docs/benchmarks.md)."
         ),
     )
     trust_remote_code: bool = Field(
@@ -272,24 +272,14 @@ class TrainSpec(_Section):
             "A resumed run sees the same order."
         ),
     )
-    fused_lora: bool = Field(
-        False,
-        description=(
-            "Run each plain LoRA linear layer (one adapter, no dropout, no trainable bias) as one "
-            "autograd function: dequantise, base GEMM and both LoRA GEMMs, the dequantisation "
-            "repeated in backward, instead of PEFT's separate modules: fewer kernel launches and "
-            "Python calls where small batches leave the step CPU-bound. Experimental: outputs and "
-            "gradients match PEFT's in the tests; its speed is not measured yet."
-        ),
-    )
     checkpoint_every_n_layers: int = Field(
         1,
         ge=1,
         description=(
             "With model.use_gradient_checkpointing on, checkpoint only every n-th layer "
             "(transformers' every_n_layers): the other layers keep their activations, so less "
-            "is recomputed in backward for more memory. 1 = every layer. The train log says how "
-            "many layers ended up checkpointed."
+            "is recomputed in backward for more memory. 1 = every layer. At 7B on an H200, 2 "
+            "was no faster than 1 (docs/benchmarks.md run 7); checkpoint_scope: vision was."
         ),
     )
     checkpoint_scope: Literal["all", "vision", "language"] = Field(
@@ -297,7 +287,9 @@ class TrainSpec(_Section):
         description=(
             "With model.use_gradient_checkpointing on, which layers are checkpointed: all, only "
             "the vision tower's blocks, or only the language model's layers (the others keep "
-            "their activations). A middle ground between checkpointing everything and nothing."
+            "their activations). 'vision' was the fastest measured setting at 7B on an H200 "
+            "(9.23 samples/s at batch 4 and 13.92 GiB; 33.38 at batch 32 in 56.4 GiB): "
+            "recomputing the language model's layers is what costs (docs/benchmarks.md)."
         ),
     )
     max_restarts: int = Field(

@@ -26,7 +26,6 @@ from vlm_ray.storage import Store
 from vlm_ray.train.activation_checkpointing import trainer_checkpointing_kwargs
 from vlm_ray.train.collator import VisionSFTCollator
 from vlm_ray.train.dataset import PreparedShardsDataset
-from vlm_ray.train.fused_lora import fuse_lora_layers
 from vlm_ray.train.length_grouping import with_length_grouping
 from vlm_ray.train.peft_targets import lora_target_modules
 from vlm_ray.train.saving import save_trained_model
@@ -120,8 +119,6 @@ def load_hf_model(spec: JobSpec, model_path: str, family: Family) -> tuple[Any, 
                 model, use_gradient_checkpointing=bool(m.use_gradient_checkpointing)
             )
         model = apply_lora(model, spec.lora, family)
-        if spec.train.fused_lora:
-            fuse_lora_layers(model)
     return model, processor, why
 
 

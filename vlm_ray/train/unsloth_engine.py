@@ -72,10 +72,6 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
             use_gradient_checkpointing=m.use_gradient_checkpointing,
         )
     FastVisionModel.for_training(model)
-    if spec.train.fused_lora:
-        from vlm_ray.train.fused_lora import fuse_lora_layers
-
-        fuse_lora_layers(model)
     return model, processor
 
 
