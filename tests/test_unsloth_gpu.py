@@ -243,7 +243,9 @@ def test_checkpointing_off_trains_the_same_steps_as_unsloth_s_and_checkpoints_no
     tiny_qwen2_vl: Path, tmp_path: Path
 ) -> None:
     """model.use_gradient_checkpointing: false reaches the Trainer too (TRL would checkpoint
-    anyway), and only moves memory and time: the losses are the default's."""
+    anyway), every_n_layers and checkpoint_scope pick the layers, and all of it only moves
+    memory and time: the losses are the default's. (The vision-only case was added after the
+    seventh session's GPU run; the other three passed there.)"""
     from vlm_ray.config import parse_spec
     from vlm_ray.storage import LocalStore
     from vlm_ray.train.activation_checkpointing import CheckpointingReport
@@ -251,14 +253,18 @@ def test_checkpointing_off_trains_the_same_steps_as_unsloth_s_and_checkpoints_no
     from vlm_ray.train.unsloth_engine import train_unsloth
 
     runs = {}
-    for name, gc, every in [("unsloth", "unsloth", 1), ("off", False, 1), ("every-2nd", True, 2)]:
+    setups = [
+        ("unsloth", "unsloth", {}),
+        ("off", False, {}),
+        ("every-2nd", True, {"checkpoint_every_n_layers": 2}),
+        ("vision-only", True, {"checkpoint_scope": "vision"}),
+    ]
+    for name, gc, train in setups:
         store = LocalStore(tmp_path / name)
         _write_prepared(store, rows=8)
-        raw, _ = _spec(
-            tiny_qwen2_vl, store.uri, max_steps=3, logging_steps=1, checkpoint_every_n_layers=every
-        )
+        raw, spec = _spec(tiny_qwen2_vl, store.uri, max_steps=3, logging_steps=1, **train)
         raw["model"].update(load_in_4bit=True, use_gradient_checkpointing=gc)
-        report = CheckpointingReport()
+        report = CheckpointingReport(spec.train.checkpoint_scope)
         train_unsloth(
             parse_spec(raw), store, tmp_path / f"work-{name}", None, [MetricsLog(store), report]
         )
@@ -268,8 +274,10 @@ def test_checkpointing_off_trains_the_same_steps_as_unsloth_s_and_checkpoints_no
     assert total > 2 and done_off == 0
     assert runs["every-2nd"][0] == ((total + 1) // 2, total)
     assert runs["unsloth"][0][0] > 0
+    vision_depth = json.loads((tiny_qwen2_vl / "config.json").read_text())["vision_config"]["depth"]
+    assert runs["vision-only"][0] == (vision_depth, total)
     assert len(losses_off) == 3
-    for name in ("unsloth", "every-2nd"):
+    for name in ("unsloth", "every-2nd", "vision-only"):
         # recomputation changes what is kept, not what is computed (bf16 kernels may differ a little)
         assert runs[name][1] == pytest.approx(losses_off, rel=2e-2), name
 
