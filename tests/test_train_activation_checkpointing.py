@@ -97,3 +97,22 @@ def test_the_run_reports_how_many_layers_were_checkpointed(
     }[expected]
     assert done == want
     assert result["global_step"] == 2
+
+
+def test_a_scope_without_checkpointing_says_it_has_no_effect(
+    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path, caplog
+):
+    store = LocalStore(tmp_path / "run")
+    write_prepared(store, rows=4)
+    spec = tiny_train_spec(
+        tiny_qwen2_vl,
+        tmp_path / "run",
+        model={"use_gradient_checkpointing": False},
+        train={**TRAIN, "checkpoint_scope": "vision"},
+    )
+
+    with caplog.at_level("WARNING", logger="vlm_ray.train.activation_checkpointing"):
+        result = train_in_this_process(spec, store)
+
+    assert result["checkpointed_layers"].startswith("0/")
+    assert "train.checkpoint_scope: vision has no effect" in caplog.text

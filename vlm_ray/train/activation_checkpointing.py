@@ -86,6 +86,12 @@ class CheckpointingReport(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             return
+        if self.scope != "all" and checkpointed_layers(model)[0] == 0:
+            log.warning(
+                "train.checkpoint_scope: %s has no effect: no layer is checkpointed "
+                "(model.use_gradient_checkpointing is false)",
+                self.scope,
+            )
         limit_checkpointing(model, self.scope)
         self.layers = checkpointed_layers(model)
         done, total = self.layers
