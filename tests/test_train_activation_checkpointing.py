@@ -58,6 +58,24 @@ def test_which_layers_are_checkpointed_is_not_a_training_setting(tmp_path):
     assert training_settings(_spec(True), store) != training_settings(_spec(False), store)
 
 
+@pytest.fixture
+def train_with(tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path):
+    """train_with(use_gradient_checkpointing, **train knobs) -> the result of 2 CPU steps."""
+
+    def run(gc, **train):
+        store = LocalStore(tmp_path / "run")
+        write_prepared(store, rows=4)
+        spec = tiny_train_spec(
+            tiny_qwen2_vl,
+            tmp_path / "run",
+            model={"use_gradient_checkpointing": gc},
+            train={**TRAIN, **train},
+        )
+        return train_in_this_process(spec, store)
+
+    return run
+
+
 @pytest.mark.parametrize(
     ("gc", "every", "scope", "expected"),
     [
@@ -70,18 +88,9 @@ def test_which_layers_are_checkpointed_is_not_a_training_setting(tmp_path):
     ids=["every-layer", "every-2nd-layer", "off", "vision-only", "language-only"],
 )
 def test_the_run_reports_how_many_layers_were_checkpointed(
-    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path, gc, every, scope, expected
+    train_with, tiny_qwen2_vl, gc, every, scope, expected
 ):
-    store = LocalStore(tmp_path / "run")
-    write_prepared(store, rows=4)
-    spec = tiny_train_spec(
-        tiny_qwen2_vl,
-        tmp_path / "run",
-        model={"use_gradient_checkpointing": gc},
-        train={**TRAIN, "checkpoint_every_n_layers": every, "checkpoint_scope": scope},
-    )
-
-    result = train_in_this_process(spec, store)
+    result = train_with(gc, checkpoint_every_n_layers=every, checkpoint_scope=scope)
 
     done, total = map(int, result["checkpointed_layers"].split("/"))
     config = AutoConfig.from_pretrained(tiny_qwen2_vl)
@@ -99,20 +108,9 @@ def test_the_run_reports_how_many_layers_were_checkpointed(
     assert result["global_step"] == 2
 
 
-def test_a_scope_without_checkpointing_says_it_has_no_effect(
-    tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path, caplog
-):
-    store = LocalStore(tmp_path / "run")
-    write_prepared(store, rows=4)
-    spec = tiny_train_spec(
-        tiny_qwen2_vl,
-        tmp_path / "run",
-        model={"use_gradient_checkpointing": False},
-        train={**TRAIN, "checkpoint_scope": "vision"},
-    )
-
+def test_a_scope_without_checkpointing_says_it_has_no_effect(train_with, caplog):
     with caplog.at_level("WARNING", logger="vlm_ray.train.activation_checkpointing"):
-        result = train_in_this_process(spec, store)
+        result = train_with(False, checkpoint_scope="vision")
 
     assert result["checkpointed_layers"].startswith("0/")
     assert "train.checkpoint_scope: vision has no effect" in caplog.text
