@@ -38,41 +38,34 @@ def trainer_checkpointing_kwargs(
     }
 
 
-_VISION_TOWERS = ("visual", "vision_tower", "vision_model")
-
-
-def _layers(model: Any) -> list[Any]:
+def _layers(model: Any) -> list[tuple[str, Any]]:
+    """(name, module) of the model's repeated blocks (transformers' GradientCheckpointingLayer)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def vision_layers(model: Any) -> set[int]:
-    """ids of the repeated blocks inside the model's vision tower."""
-    from vlm_ray.models.submodules import inner_module
-
-    inside: set[int] = set()
-    for name in _VISION_TOWERS:
-        tower = inner_module(model, name)
-        if tower is not None:
-            inside.update(id(m) for m in tower.modules())
-    return {id(m) for m in _layers(model) if id(m) in inside}
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def limit_checkpointing(model: Any, scope: str) -> None:
-    """Turn checkpointing off for the layers outside `scope` ("vision" or "language"; "all": none)."""
+    """Turn checkpointing off for the layers outside `scope` ("vision" or "language"; "all": none).
+
+    A layer is in the vision tower when a whole dotted component of its name is one of the
+    family's vision_module_markers, the names the LoRA switches go by too.
+    """
     if scope == "all":
         return
-    vision = vision_layers(model)
-    for layer in _layers(model):
-        if (id(layer) in vision) != (scope == "vision"):
+    from vlm_ray.models.families import family_by_name
+    from vlm_ray.models.submodules import unwrapped
+
+    markers = set(family_by_name(unwrapped(model).config.model_type).vision_module_markers)
+    for name, layer in _layers(model):
+        if (not markers.isdisjoint(name.split("."))) != (scope == "vision"):
             layer.gradient_checkpointing = False
 
 
 def checkpointed_layers(model: Any) -> tuple[int, int]:
     """(checkpointed, all) over the model's repeated blocks (transformers' GradientCheckpointingLayer)."""
     layers = _layers(model)
-    return sum(bool(m.gradient_checkpointing) for m in layers), len(layers)
+    return sum(bool(m.gradient_checkpointing) for _, m in layers), len(layers)
 
 
 class CheckpointingReport(TrainerCallback):

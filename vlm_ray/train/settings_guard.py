@@ -21,8 +21,9 @@ _OPERATIONAL = {
     "train.dataloader_num_workers",
     "train.profile_steps",
     "train.profile_start_step",
+    # which activations are recomputed in backward, not what is computed; a resume may switch them
     "train.checkpoint_every_n_layers",
-    "train.checkpoint_scope",  # what is recomputed in backward, not what is computed  # the same arithmetic through fewer kernels; a resume may switch it
+    "train.checkpoint_scope",
     "model.name",  # the same model may be reached by another path or URI; the data digest and knobs decide
 }
 
