@@ -162,9 +162,6 @@ def steady(times: list[float], warmup: int, batch: int) -> dict:
     }
 
 
-VISION_TOWERS = (".visual.", ".vision_model.")  # Qwen2-VL, Mllama
-
-
 def image_patches(pixel_values, patch: int = 14) -> int:
     """Patches the vision tower runs over: Qwen2-VL's are rows of a 2-D tensor; Mllama's
     (batch, images, tiles, C, H, W) are every tile's, padding tiles included (they are computed)."""
@@ -176,10 +173,13 @@ def image_patches(pixel_values, patch: int = 14) -> int:
 
 def flops_per_sample(model, batch) -> float:
     """6 x (language-model params x tokens + vision params x patches) per sample."""
+    from vlm_ray.models.families import family_by_name
+
+    family = family_by_name(model.config.model_type)
     n_vis = sum(
         p.numel()
         for n, p in model.named_parameters()
-        if any(t in f".{n}" for t in VISION_TOWERS) and "lora_" not in n
+        if family.in_vision_tower(n) and "lora_" not in n
     )
     n_all = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     n_lm = n_all - n_vis

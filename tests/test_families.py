@@ -262,3 +262,13 @@ def test_llama_vision_with_a_system_prompt_is_refused_before_prepare_reads_a_row
     assert model_limits(spec()).family == "mllama"
     with pytest.raises(SpecError, match=r"data\.system_prompt.*Llama 3\.2 Vision"):
         model_limits(spec(system_prompt="You read digits."))
+
+
+def test_the_vision_tower_is_where_a_whole_name_component_is_a_vision_marker():
+    qwen = family_by_name("qwen2_vl")
+    assert qwen.in_vision_tower("model.visual.blocks.0")
+    assert qwen.in_vision_tower("base_model.model.model.visual.blocks.3.mlp.fc1.lora_A.default")
+    assert not qwen.in_vision_tower("model.language_model.layers.0")
+    assert not qwen.in_vision_tower("model.visualizer.layers.0")  # a component, not a substring
+    deepseek = family_by_name("deepseek_vl_v2")
+    assert deepseek.in_vision_tower("model.sam_model.blocks.0")

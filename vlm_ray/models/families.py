@@ -50,6 +50,11 @@ class Family:
     )
     tiny: bool = True  # vlm_ray.models.tiny builds a random-weight model of it
 
+    def in_vision_tower(self, module_name: str) -> bool:
+        """Whether a module (or parameter) name lies in the vision tower: one of its dotted
+        components is a vision_module_marker."""
+        return not set(self.vision_module_markers).isdisjoint(module_name.split("."))
+
 
 _QWEN_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv", "attn.proj")
 _LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

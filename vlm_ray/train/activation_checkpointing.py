@@ -48,17 +48,17 @@ def _layers(model: Any) -> list[tuple[str, Any]]:
 def limit_checkpointing(model: Any, scope: str) -> None:
     """Turn checkpointing off for the layers outside `scope` ("vision" or "language"; "all": none).
 
-    A layer is in the vision tower when a whole dotted component of its name is one of the
-    family's vision_module_markers, the names the LoRA switches go by too.
+    The vision tower is where the family table says (Family.in_vision_tower), as for the LoRA
+    switches.
     """
     if scope == "all":
         return
     from vlm_ray.models.families import family_by_name
     from vlm_ray.models.submodules import unwrapped
 
-    markers = set(family_by_name(unwrapped(model).config.model_type).vision_module_markers)
+    family = family_by_name(unwrapped(model).config.model_type)
     for name, layer in _layers(model):
-        if (not markers.isdisjoint(name.split("."))) != (scope == "vision"):
+        if family.in_vision_tower(name) != (scope == "vision"):
             layer.gradient_checkpointing = False
 
 
