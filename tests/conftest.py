@@ -232,6 +232,21 @@ def tiny_train_spec():
     return make
 
 
+@pytest.fixture
+def tiny_training_run(tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path):
+    """tiny_training_run(rows, train={...}, model={...}) -> (store, result): the train stage in
+    this process (no Ray) on the tiny Qwen2-VL and `rows` prepared rows, with those knobs."""
+    from vlm_ray.stages.train import train_in_this_process
+
+    def run(rows: int, train: dict, model: dict | None = None):
+        store = LocalStore(tmp_path / "run")
+        write_prepared(store, rows=rows)
+        spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=train, model=model or {})
+        return store, train_in_this_process(spec, store)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def quick_demo_overrides(
     tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: Path

@@ -7,7 +7,6 @@ import pytest
 from transformers import AutoConfig
 
 from vlm_ray.config import parse_spec
-from vlm_ray.stages.train import train_in_this_process
 from vlm_ray.storage import LocalStore
 from vlm_ray.train.activation_checkpointing import trainer_checkpointing_kwargs
 from vlm_ray.train.settings_guard import training_settings
@@ -59,19 +58,12 @@ def test_which_layers_are_checkpointed_is_not_a_training_setting(tmp_path):
 
 
 @pytest.fixture
-def train_with(tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path):
+def train_with(tiny_training_run):
     """train_with(use_gradient_checkpointing, **train knobs) -> the result of 2 CPU steps."""
 
     def run(gc, **train):
-        store = LocalStore(tmp_path / "run")
-        write_prepared(store, rows=4)
-        spec = tiny_train_spec(
-            tiny_qwen2_vl,
-            tmp_path / "run",
-            model={"use_gradient_checkpointing": gc},
-            train={**TRAIN, **train},
-        )
-        return train_in_this_process(spec, store)
+        _, result = tiny_training_run(4, {**TRAIN, **train}, {"use_gradient_checkpointing": gc})
+        return result
 
     return run
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from vlm_ray import layout
-from vlm_ray.stages.train import train_in_this_process
 from vlm_ray.storage import LocalStore
 from vlm_ray.train.settings_guard import training_settings
 
@@ -20,15 +19,11 @@ TRAIN = {
 
 
 @pytest.fixture
-def profiled_run(tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path):
+def profiled_run(tiny_training_run):
     """profiled_run(start, steps) -> (store, result): 4 training steps with that profile window."""
 
     def run(start: int, steps: int):
-        store = LocalStore(tmp_path / "run")
-        write_prepared(store, rows=8)
-        train = {**TRAIN, "profile_start_step": start, "profile_steps": steps}
-        spec = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train=train)
-        return store, train_in_this_process(spec, store)
+        return tiny_training_run(8, {**TRAIN, "profile_start_step": start, "profile_steps": steps})
 
     return run
 
