@@ -17,6 +17,7 @@ from typing import Any
 
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
+from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.compiled_language import compile_language_modules
 from vlm_ray.models.compiled_vision import compile_vision_blocks
 from vlm_ray.models.fp8_linear import check_fp8_device, quantize_linears_to_fp8
@@ -132,6 +133,8 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
         why += "; patch embedding as a matmul"
     if enable_gqa_decode_attention(model):
         why += "; decoding attention per KV head"
+    if enable_batched_rope_index(model):
+        why += "; rope position ids per batch"
     if fp8 != "off" and quantize_linears_to_fp8(model, fp8):
         why += f"; float8 linear layers ({fp8})"
     if spec.infer.compile_vision and compile_vision_blocks(model):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from vlm_ray.config import JobSpec, LoraSpec
+from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.families import Family, family_of
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
@@ -119,6 +120,7 @@ def load_hf_model(spec: JobSpec, model_path: str, family: Family) -> tuple[Any, 
                 model, use_gradient_checkpointing=bool(m.use_gradient_checkpointing)
             )
         model = apply_lora(model, spec.lora, family)
+    enable_batched_rope_index(model)
     return model, processor, why
 
 

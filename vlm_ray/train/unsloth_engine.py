@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_ray.config import JobSpec
+from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.families import Family, family_of
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
@@ -72,6 +73,7 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
             use_gradient_checkpointing=m.use_gradient_checkpointing,
         )
     FastVisionModel.for_training(model)
+    enable_batched_rope_index(model)
     return model, processor
 
 
