@@ -149,6 +149,57 @@ def make_clock():
     return StepClock()
 
 
+def make_sync_sites(step: int):
+    """A TrainerCallback that records where optimiser step `step` synchronises with the GPU.
+
+    torch's sync debug mode warns at every synchronising CUDA call (an .item(), a copy to
+    pageable host memory, a nonzero...); each warning's Python stack (the last frames outside
+    torch) is counted, so the sites that stall the CPU-GPU pipeline are named with how often
+    they ran. Defined on call, for the same reason as make_clock.
+    """
+    import traceback
+    import warnings
+    from collections import Counter
+
+    import torch
+    from transformers import TrainerCallback
+
+    class SyncSites(TrainerCallback):
+        def __init__(self) -> None:
+            self.sites: Counter = Counter()
+            self.seen = 0
+
+        def _record(self, message, category, filename, lineno, file=None, line=None):
+            if "synchronizing" not in str(message):
+                return self._show(message, category, filename, lineno, file, line)
+            frames = [
+                f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                for f in traceback.extract_stack()[:-1]
+                if "/torch/" not in f.filename and "warnings" not in f.filename
+            ]
+            self.sites[" <- ".join(reversed(frames[-4:]))] += 1
+
+        def on_step_begin(self, args, state, control, **k):
+            if state.global_step == step:
+                self._show, warnings.showwarning = warnings.showwarning, self._record
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_step_end(self, args, state, control, **k):
+            if state.global_step == step + 1:
+                torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning = self._show
+
+        def summary(self) -> dict:
+            return {
+                "sync_step": step,
+                "syncs_per_step": sum(self.sites.values()),
+                "sync_sites": dict(self.sites.most_common(25)),
+            }
+
+    return SyncSites()
+
+
 def steady(times: list[float], warmup: int, batch: int) -> dict:
     timed = times[warmup:]
     if not timed:
@@ -415,7 +466,7 @@ def mode_stage(a, model_dir: Path) -> dict:
     from vlm_ray.storage import LocalStore
 
     # Profiled steps (--profile-steps) come after the timed ones and are not in the timing.
-    steps = a.warmup + a.steps + a.profile_steps
+    steps = a.warmup + a.steps + a.profile_steps + (1 if a.sync_sites else 0)
     store = LocalStore(f"/tmp/bench_stage_{a.shape}")
     store.delete_prefix(layout.TRAIN_PROFILE)  # an earlier invocation's profile is not this one's
     recs = []
@@ -469,6 +520,11 @@ def mode_stage(a, model_dir: Path) -> dict:
 
             clock, checkpointing = make_clock(), CheckpointingReport(spec.train.checkpoint_scope)
             callbacks = [clock, checkpointing]
+            # One step of its own after the timed and profiled ones (its warnings slow it).
+            last = a.warmup + a.steps + a.profile_steps
+            sync_sites = make_sync_sites(last) if a.sync_sites else None
+            if sync_sites:
+                callbacks.append(sync_sites)
             if a.profile_steps:  # the stage's own profiler (train.profile_steps), after the timing
                 callbacks.append(StepProfiler(store, a.warmup + a.steps, a.profile_steps))
             summary = train_unsloth(spec, store, Path("/tmp/bench_stage_work"), None, callbacks)
@@ -481,6 +537,7 @@ def mode_stage(a, model_dir: Path) -> dict:
                 ),
                 "peak_gib": summary["peak_gpu_memory_gib"],
                 **checkpointing.summary(),
+                **(sync_sites.summary() if sync_sites else {}),
                 "gpu": torch.cuda.get_device_name(0),
             }
 
@@ -583,6 +640,12 @@ def main() -> None:
         default=0,
         help="'stage': the stage's own profiler (train.profile_steps) over this many steps "
         "after the timed ones; tables profile_stage_<shape>_bs<batch>_*.txt beside --out",
+    )
+    p.add_argument(
+        "--sync-sites",
+        action="store_true",
+        help="'stage': one more step after the others with torch's CUDA sync debug mode on; "
+        "the result counts the synchronising calls by their Python call site",
     )
     p.add_argument("--label", default="", help="suffix of the result keys, e.g. '[bs16]'")
     p.add_argument("--no-split", action="store_true", help="skip the bare-step checks in 'unsloth'")

@@ -62,6 +62,30 @@ def test_packed_attention_matches_transformers_sdpa(model_and_processor, sizes, 
     assert torch.equal(got_ids, expected_ids)
 
 
+def test_packed_attention_trains_like_transformers_sdpa(new_tiny_generator_model, tiny_generator):
+    """Training uses it too: the same loss and the same gradients in the vision tower."""
+    _, processor = tiny_generator
+    images = [_image(i, 56, 56) for i in range(3)]
+    messages = [prompt_messages({"prompt": PROMPT, "messages": None})] * len(images)
+    batch = prepare_inputs(processor, images, messages)
+    model = new_tiny_generator_model().train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "visual" in n}
+        return loss.detach(), grads
+
+    expected_loss, expected_grads = loss_and_grads()
+    assert packed.enable_packed_vision_attention(model)
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == expected_grads.keys() and any(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize(
     ("sub_config", "enable"),
     [

@@ -4,7 +4,8 @@ Qwen2-VL and Qwen2.5-VL pack every image of a batch into one token sequence. Unl
 flash-attention implementation is configured, transformers (5.17, `Qwen2VLVisionAttention`)
 splits that sequence and calls SDPA once per image, in every layer: at 256 images and 32 layers,
 8,192 small attention calls per forward, each with its own launch and Python overhead on the
-critical path of inference. When the images of a batch have the same size — which is what
+critical path of inference, and in training three device synchronisations per layer call
+(the `.tolist()` of each split). When the images of a batch have the same size — which is what
 `vlm_ray.infer.generation` arranges (batches by pixel count, sizes snapped by prepare) — the packed
 sequence is just ``[images, tokens]``, and one SDPA call with the images as its batch dimension
 computes exactly the same attention.
@@ -69,8 +70,8 @@ def packed_sdpa_attention(
 def enable_packed_vision_attention(model: Any) -> bool:
     """Use packed_sdpa_attention in the vision tower of a Qwen2-VL-like model left on SDPA.
 
-    Returns whether it was enabled. For inference: the setting is not meant to be saved with
-    the model (another process would not know the name).
+    Returns whether it was enabled. Used for inference and training; the setting is not saved
+    with the model (config.json leaves the attention implementation out).
     """
     from transformers import AttentionInterface, PreTrainedModel
 

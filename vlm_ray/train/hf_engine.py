@@ -21,6 +21,7 @@ import torch
 from vlm_ray.config import JobSpec, LoraSpec
 from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.families import Family, family_of
+from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import Store
@@ -121,6 +122,7 @@ def load_hf_model(spec: JobSpec, model_path: str, family: Family) -> tuple[Any, 
             )
         model = apply_lora(model, spec.lora, family)
     enable_batched_rope_index(model)
+    enable_packed_vision_attention(model)  # one attention call per vision layer, not per image
     return model, processor, why
 
 
