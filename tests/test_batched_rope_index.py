@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import vlm_ray.models.batched_rope_index as rope
 from vlm_ray.models.batched_rope_index import batched_rope_index, enable_batched_rope_index
 from vlm_ray.models.tiny import build_tiny_model
 
@@ -85,7 +86,8 @@ def test_batched_ids_equal_transformers_row_by_row(model_and_processor, batch, p
         assert torch.equal(got[1], expected[1])
 
 
-def test_the_model_generates_the_same_tokens_with_batched_ids(model_and_processor):
+def test_the_model_generates_the_same_tokens_with_batched_ids(model_and_processor, monkeypatch):
+    """generate takes the batched path (it passes every model kwarg along) and gets the same tokens."""
     model, processor = model_and_processor
     processor.tokenizer.padding_side = "left"
     rows = BATCHES["two images in a row, a text-only row"]
@@ -101,8 +103,16 @@ def test_the_model_generates_the_same_tokens_with_batched_ids(model_and_processo
     expected = generate()
     assert enable_batched_rope_index(model)
     assert not enable_batched_rope_index(model), "installed once"
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return batched_rope_index(*args)
+
+    monkeypatch.setattr(rope, "batched_rope_index", spy)
     try:
         assert torch.equal(generate(), expected)
+        assert calls == [inputs["input_ids"].shape], "the prompt's ids, batched, once"
     finally:
         del model.model.get_rope_index  # back to the class's method for the other tests
 

@@ -91,16 +91,19 @@ def batched_rope_index(
 
 
 def _rope_index(original: Any, merge: int, input_ids: Any, *args: Any, **kwargs: Any) -> Any:
-    """get_rope_index's signature; the batched path for images, the original for anything else."""
+    """get_rope_index's signature; the batched path for images, the original for anything else.
+
+    Keyword arguments the loop does not read are ignored, as the loop ignores them: `generate`
+    passes all of its model kwargs along (pixel_values, the cache...).
+    """
     names = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw")
     given = dict(zip(names, args, strict=False)) | kwargs
-    extra = set(given) - {*names, "attention_mask", "second_per_grid_ts"}
     if (
         given.get("video_grid_thw") is not None
+        or given.get("second_per_grid_ts") is not None  # videos' time scale (Qwen2.5-VL)
         or given.get("image_grid_thw") is None
         or len(given["image_grid_thw"]) == 0
         or given.get("mm_token_type_ids") is None
-        or extra
         or len(args) > len(names)
     ):
         return original(input_ids, *args, **kwargs)
