@@ -200,6 +200,51 @@ def make_sync_sites(step: int):
     return SyncSites()
 
 
+def make_copy_sites(step: int, trace: Path):
+    """A TrainerCallback that profiles optimiser step `step` with Python stacks and counts its
+    host-side copies and stream synchronisations by the Python code around them.
+
+    The complement of make_sync_sites: it also sees copies issued below torch's dispatcher (a C
+    extension or a ctypes call), which torch's sync debug mode does not (bench/trace_sites.py).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    names = ("cudaMemcpyAsync", "cudaMemcpy", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+    class CopySites(TrainerCallback):
+        def __init__(self) -> None:
+            self.sites: dict = {}
+            self._prof = None
+
+        def on_step_begin(self, args, state, control, **k):
+            if state.global_step == step:
+                activities = [ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(ProfilerActivity.CUDA)
+                self._prof = profile(activities=activities, with_stack=True)
+                self._prof.start()
+
+        def on_step_end(self, args, state, control, **k):
+            if self._prof is not None and state.global_step == step + 1:
+                self._prof.stop()
+                self._prof.export_chrome_trace(str(trace))
+                self._prof = None
+                from bench.trace_sites import event_sites
+
+                self.sites = event_sites(trace, names)
+
+        def summary(self) -> dict:
+            return {
+                "copy_step": step,
+                "copies_and_syncs_per_step": sum(self.sites.values()),
+                "copy_sites": dict(self.sites.most_common(25)),
+            }
+
+    return CopySites()
+
+
 def steady(times: list[float], warmup: int, batch: int) -> dict:
     timed = times[warmup:]
     if not timed:
@@ -466,7 +511,7 @@ def mode_stage(a, model_dir: Path) -> dict:
     from vlm_ray.storage import LocalStore
 
     # Profiled steps (--profile-steps) come after the timed ones and are not in the timing.
-    steps = a.warmup + a.steps + a.profile_steps + (1 if a.sync_sites else 0)
+    steps = a.warmup + a.steps + a.profile_steps + int(a.sync_sites) + int(a.copy_sites)
     store = LocalStore(f"/tmp/bench_stage_{a.shape}")
     store.delete_prefix(layout.TRAIN_PROFILE)  # an earlier invocation's profile is not this one's
     recs = []
@@ -525,6 +570,11 @@ def mode_stage(a, model_dir: Path) -> dict:
             sync_sites = make_sync_sites(last) if a.sync_sites else None
             if sync_sites:
                 callbacks.append(sync_sites)
+            last += int(a.sync_sites)  # each diagnostic has a step of its own
+            trace = Path("/tmp") / f"copy_sites_{a.shape}_bs{a.batch}.json"
+            copy_sites = make_copy_sites(last, trace) if a.copy_sites else None
+            if copy_sites:
+                callbacks.append(copy_sites)
             if a.profile_steps:  # the stage's own profiler (train.profile_steps), after the timing
                 callbacks.append(StepProfiler(store, a.warmup + a.steps, a.profile_steps))
             summary = train_unsloth(spec, store, Path("/tmp/bench_stage_work"), None, callbacks)
@@ -538,6 +588,7 @@ def mode_stage(a, model_dir: Path) -> dict:
                 "peak_gib": summary["peak_gpu_memory_gib"],
                 **checkpointing.summary(),
                 **(sync_sites.summary() if sync_sites else {}),
+                **(copy_sites.summary() if copy_sites else {}),
                 "gpu": torch.cuda.get_device_name(0),
             }
 
@@ -646,6 +697,13 @@ def main() -> None:
         action="store_true",
         help="'stage': one more step after the others with torch's CUDA sync debug mode on; "
         "the result counts the synchronising calls by their Python call site",
+    )
+    p.add_argument(
+        "--copy-sites",
+        action="store_true",
+        help="'stage': one more step, profiled with Python stacks; the result counts its "
+        "host-device copies and stream syncs by the Python code around them "
+        "(bench/trace_sites.py), those torch's sync debug mode misses included",
     )
     p.add_argument("--label", default="", help="suffix of the result keys, e.g. '[bs16]'")
     p.add_argument("--no-split", action="store_true", help="skip the bare-step checks in 'unsloth'")
