@@ -149,6 +149,15 @@ def make_clock():
     return StepClock()
 
 
+def sites_summary(kind: str, total_key: str, step: int, sites) -> dict:
+    """A diagnostic step's result: which step, how many events, the 25 most frequent call sites."""
+    return {
+        f"{kind}_step": step,
+        total_key: sum(sites.values()),
+        f"{kind}_sites": dict(sites.most_common(25)),
+    }
+
+
 def make_sync_sites(step: int):
     """A TrainerCallback that records where optimiser step `step` synchronises with the GPU.
 
@@ -191,11 +200,7 @@ def make_sync_sites(step: int):
                 warnings.showwarning = self._show
 
         def summary(self) -> dict:
-            return {
-                "sync_step": step,
-                "syncs_per_step": sum(self.sites.values()),
-                "sync_sites": dict(self.sites.most_common(25)),
-            }
+            return sites_summary("sync", "syncs_per_step", step, self.sites)
 
     return SyncSites()
 
@@ -207,6 +212,8 @@ def make_copy_sites(step: int, trace: Path):
     The complement of make_sync_sites: it also sees copies issued below torch's dispatcher (a C
     extension or a ctypes call), which torch's sync debug mode does not (bench/trace_sites.py).
     """
+    from collections import Counter
+
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
@@ -215,7 +222,7 @@ def make_copy_sites(step: int, trace: Path):
 
     class CopySites(TrainerCallback):
         def __init__(self) -> None:
-            self.sites: dict = {}
+            self.sites: Counter = Counter()
             self._prof = None
 
         def on_step_begin(self, args, state, control, **k):
@@ -236,11 +243,7 @@ def make_copy_sites(step: int, trace: Path):
                 self.sites = event_sites(trace, names)
 
         def summary(self) -> dict:
-            return {
-                "copy_step": step,
-                "copies_and_syncs_per_step": sum(self.sites.values()),
-                "copy_sites": dict(self.sites.most_common(25)),
-            }
+            return sites_summary("copy", "copies_and_syncs_per_step", step, self.sites)
 
     return CopySites()
 
