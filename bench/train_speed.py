@@ -209,8 +209,8 @@ def make_copy_sites(step: int, trace: Path):
     """A TrainerCallback that profiles optimiser step `step` with Python stacks and counts its
     host-side copies and stream synchronisations by the Python code around them.
 
-    The complement of make_sync_sites: it also sees copies issued below torch's dispatcher (a C
-    extension or a ctypes call), which torch's sync debug mode does not (bench/trace_sites.py).
+    The complement of make_sync_sites: it also sees copies torch's sync debug mode does not flag
+    (issued outside torch's copy path, e.g. by a C extension, or non-blocking into pageable memory) (bench/trace_sites.py).
     """
     from collections import Counter
 
