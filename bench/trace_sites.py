@@ -1,8 +1,8 @@
 """Which Python code issues given host-side events (cudaMemcpyAsync, ...) in a torch.profiler trace.
 
 torch's sync debug mode only sees synchronising calls that go through torch's own copy and
-item paths; a copy issued elsewhere (a C extension, a ctypes call) is invisible to
-it, and the profiler's tables name the event but not its caller. A profile taken with
+item paths; a copy issued elsewhere (a C extension, a ctypes call) is invisible to it, and
+the profiler's tables name the event but not its caller. A profile taken with
 `with_stack=True` records the Python calls as `python_function` events on the same thread's
 timeline, so each event's enclosing Python frames are the calls whose spans contain it.
 """

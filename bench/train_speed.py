@@ -209,8 +209,9 @@ def make_copy_sites(step: int, trace: Path):
     """A TrainerCallback that profiles optimiser step `step` with Python stacks and counts its
     host-side copies and stream synchronisations by the Python code around them.
 
-    The complement of make_sync_sites: it also sees copies torch's sync debug mode does not flag
-    (issued outside torch's copy path, e.g. by a C extension, or non-blocking into pageable memory) (bench/trace_sites.py).
+    The complement of make_sync_sites (bench/trace_sites.py): it also sees the copies torch's
+    sync debug mode does not flag (issued outside torch's copy path, e.g. by a C extension, or
+    non-blocking into pageable memory).
     """
     from collections import Counter
 
