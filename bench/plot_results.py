@@ -1,6 +1,7 @@
 """Bar charts of one benchmark run's raw results, for docs/benchmarks.md.
 
     python bench/plot_results.py train bench/results/train/train_7b_run6.json docs/img/train_7b_run6.png
+    python bench/plot_results.py train bench/results/train/run10/*.json docs/img/train_7b_run10.png
     python bench/plot_results.py infer bench/results/infer/infer_2b_run7.jsonl \
         bench/results/infer/infer_2b_run7_d.jsonl docs/img/infer_2b_run7.png
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -70,10 +72,18 @@ def infer_bars(paths: list[Path]) -> tuple[list[str], list[float], str]:
 def _bars(ax, labels: list[str], values: list[float], unit: str, colour: str) -> None:
     bars = ax.barh(range(len(values)), values, color=colour)
     ax.set_yticks(range(len(values)), labels, fontsize=8)
-    ax.invert_yaxis()
+    if not ax.yaxis_inverted():  # the first bar on top (axes sharing y share the inversion)
+        ax.invert_yaxis()
     ax.set_xlabel(unit)
     ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
     ax.margins(x=0.15)
+
+
+def _files(paths: list[Path]) -> str:
+    """A title's name for the result files: the file, or their common folder and how many."""
+    if len(paths) == 1:
+        return paths[0].name
+    return f"{Path(os.path.commonpath(paths))} ({len(paths)} files)"
 
 
 def main() -> None:
@@ -85,16 +95,24 @@ def main() -> None:
     a = p.parse_args()
     *inputs, out = a.inputs
     if a.kind == "train":
-        labels, speed, memory, gpu = train_bars(inputs[0])
+        labels, speed, memory, gpu = [], [], [], ""
+        for path in inputs:  # one run's records may be split over several files
+            more = train_bars(path)
+            labels, speed, memory, gpu = (
+                labels + more[0],
+                speed + more[1],
+                memory + more[2],
+                gpu or more[3],
+            )
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.6 * len(labels) + 1.5), sharey=True)
         _bars(left, labels, speed, "samples/s", "tab:green")
         _bars(right, labels, memory, "peak GPU memory, GiB", "tab:grey")
-        fig.suptitle(f"{inputs[0].name} on {gpu}")
+        fig.suptitle(f"{_files(inputs)} on {gpu}")
     else:
         labels, speed, gpu = infer_bars(inputs)
         fig, ax = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.5))
         _bars(ax, labels, speed, "images/s (steady)", "tab:blue")
-        fig.suptitle(f"{', '.join(i.name for i in inputs)} on {gpu}")
+        fig.suptitle(f"{_files(inputs)} on {gpu}")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
