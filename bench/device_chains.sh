@@ -46,4 +46,4 @@ done
 wait
 tar czf "$OUT/results.tgz" -C "$OUT" r
 cat "$R"/chain[0-9].log
-grep -h '^RESULT\|samples_per_s' "$R"/chain*_*.log 2>/dev/null | cut -c1-400
+grep -h '^RESULT\|samples_per_s' "$R"/chain*_*.log 2>/dev/null | cut -c1-400 || true

@@ -1,0 +1,41 @@
+"""bench/device_chains.sh runs one chain of commands per GPU at once and packs what they wrote."""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "bench" / "device_chains.sh"
+
+
+def test_chains_run_in_parallel_log_exit_codes_and_pack_the_results(tmp_path):
+    marker = tmp_path / "first-chain-started"
+    first = tmp_path / "gpu0.txt"
+    first.write_text(
+        "# a comment, then a blank line\n\n"
+        f"touch {marker}\n"
+        'echo "RESULT {\\"gpu\\": \\"$CUDA_VISIBLE_DEVICES\\"}" > $R/gpu0.json\n'
+    )
+    second = tmp_path / "gpu1.txt"
+    # Waits for the first chain: they run at once, not one after the other.
+    second.write_text(f"until [ -e {marker} ]; do sleep 0.1; done\nexit 3\n")
+    out = tmp_path / "out"
+
+    done = subprocess.run(
+        ["bash", str(SCRIPT), str(first), str(second)],
+        env={"OUT": str(out), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    assert "[2] exit 0" in (out / "r" / "chain0.log").read_text()
+    chain1 = (out / "r" / "chain1.log").read_text()
+    assert "[1] exit 0" in chain1 and "[2] exit 3" in chain1, "each command's own exit code"
+    assert (out / "r" / "gpu0.json").read_text().strip() == 'RESULT {"gpu": "0"}'
+    with tarfile.open(out / "results.tgz") as archive:
+        names = set(archive.getnames())
+    assert {"r/gpu0.json", "r/chain0.log", "r/chain1.log", "r/chain1_2.log"} <= names
+    assert "chain 1 done" in done.stdout
