@@ -15,14 +15,25 @@ from pathlib import Path
 
 # Frames from these places say nothing about who asked for the event (trace names are paths
 # relative to site-packages, or absolute).
-_SKIP = ("torch/", "<built-in", "threading.py", "contextlib.py", "functools.py")
+_SKIP = ("torch/", "<built-in", "threading.py", "contextlib.py", "functools.py", "warnings.py")
 
 
-def _frame(name: str) -> str:
-    """'path/to/file.py(12): func' -> 'file.py:12 func'."""
+def call_site(frames: list[tuple[str, str, str]], depth: int = 4) -> str:
+    """A call site's key from (path, line, function) frames, innermost first: up to `depth`
+    frames outside torch and the standard plumbing, as 'file.py:12 func', joined by " <- "."""
+    kept = [
+        f"{Path(path).name}:{line} {func}"
+        for path, line, func in frames
+        if not any(path.startswith(s) or f"/{s}" in path for s in _SKIP)
+    ]
+    return " <- ".join(kept[:depth]) or "(no Python frame)"
+
+
+def _frame(name: str) -> tuple[str, str, str]:
+    """A trace's 'path/to/file.py(12): func' -> (path, line, func)."""
     where, _, func = name.partition(": ")
     path, _, line = where.rpartition("(")
-    return f"{Path(path).name}:{line.rstrip(')')} {func}" if path else name
+    return (path, line.rstrip(")"), func) if path else (name, "", "")
 
 
 def event_sites(trace: str | Path, names: tuple[str, ...], depth: int = 4) -> Counter:
@@ -54,10 +65,5 @@ def event_sites(trace: str | Path, names: tuple[str, ...], depth: int = 4) -> Co
             if kind == 0:
                 open_frames.append((-neg_end, name))
                 continue
-            frames = [
-                _frame(n)
-                for _, n in reversed(open_frames)
-                if not any(n.startswith(s) or f"/{s}" in n for s in _SKIP)
-            ]
-            sites[" <- ".join(frames[:depth]) or "(no Python frame)"] += 1
+            sites[call_site([_frame(n) for _, n in reversed(open_frames)], depth)] += 1
     return sites

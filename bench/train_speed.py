@@ -162,9 +162,10 @@ def make_sync_sites(step: int):
     """A TrainerCallback that records where optimiser step `step` synchronises with the GPU.
 
     torch's sync debug mode warns at every synchronising CUDA call (an .item(), a copy to
-    pageable host memory, a nonzero...); each warning's Python stack (the last frames outside
-    torch) is counted, so the sites that stall the CPU-GPU pipeline are named with how often
-    they ran. Defined on call, for the same reason as make_clock.
+    pageable host memory, a nonzero...); each warning's Python stack is counted by its call site
+    (bench/trace_sites.call_site: the innermost frames outside torch), so the sites that stall
+    the CPU-GPU pipeline are named with how often they ran. Defined on call, for the same
+    reason as make_clock.
     """
     import traceback
     import warnings
@@ -173,20 +174,17 @@ def make_sync_sites(step: int):
     import torch
     from transformers import TrainerCallback
 
+    from bench.trace_sites import call_site
+
     class SyncSites(TrainerCallback):
         def __init__(self) -> None:
             self.sites: Counter = Counter()
-            self.seen = 0
 
         def _record(self, message, category, filename, lineno, file=None, line=None):
             if "synchronizing" not in str(message):
                 return self._show(message, category, filename, lineno, file, line)
-            frames = [
-                f"{Path(f.filename).name}:{f.lineno} {f.name}"
-                for f in traceback.extract_stack()[:-1]
-                if "/torch/" not in f.filename and "warnings" not in f.filename
-            ]
-            self.sites[" <- ".join(reversed(frames[-4:]))] += 1
+            stack = traceback.extract_stack()[:-1]
+            self.sites[call_site([(f.filename, f.lineno, f.name) for f in reversed(stack)])] += 1
 
         def on_step_begin(self, args, state, control, **k):
             if state.global_step == step:
