@@ -68,7 +68,7 @@ def test_batched_ids_equal_transformers_row_by_row(model_and_processor, batch, p
     assert not inputs["attention_mask"].all(), "rows of different lengths: padding to ignore"
     inner = model.model
     merge = inner.config.vision_config.spatial_merge_size
-    # Right-padded rows also start at position 0, so there the ids without a mask must match too.
+    # And without a mask (pads counted as text), as a right-padding caller may pass them.
     masks = [inputs["attention_mask"]] + ([None] if padding_side == "right" else [])
     for mask in masks:
         expected = type(inner).get_rope_index(
