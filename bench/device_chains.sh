@@ -13,6 +13,9 @@
 #
 # A chain can wait for another with `until [ -e /tmp/marker ]; do sleep 2; done` on a line of
 # its own, after the other chain's `touch /tmp/marker`.
+#
+# CHAIN_DEADLINE (seconds, default 560) stops every chain still running at that time, so the
+# archive is packed before the device call itself is cut at 600 s.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bash bench/device_chains.sh CHAIN_FILE [CHAIN_FILE ...]" >&2; exit 2; }
 OUT=${OUT:-$PWD/device_results}
@@ -37,10 +40,17 @@ run_chain() {  # index, file
   echo "$(date -u +%T) chain $n done"
 }
 
+export -f run_chain
+deadline=${CHAIN_DEADLINE:-560}
 n=0
 for file in "$@"; do
   first=$(( n * per )); last=$(( first + per - 1 ))
-  ( taskset -cp "$first-$last" $BASHPID > /dev/null 2>&1; run_chain "$n" "$file" > "$R/chain$n.log" 2>&1 ) &
+  (
+    taskset -cp "$first-$last" $BASHPID > /dev/null 2>&1
+    # timeout signals the chain's whole process group: the running command goes too
+    timeout -k 5 "$deadline" bash -c 'run_chain "$0" "$1"' "$n" "$file" > "$R/chain$n.log" 2>&1
+    [ $? -eq 124 ] && echo "$(date -u +%T) chain $n stopped at CHAIN_DEADLINE=${deadline}s" >> "$R/chain$n.log"
+  ) &
   n=$((n + 1))
 done
 wait

@@ -247,6 +247,51 @@ def make_copy_sites(step: int, trace: Path):
     return CopySites()
 
 
+def make_memory_sites(step: int):
+    """A TrainerCallback that records every GPU allocation of optimiser step `step` with its Python
+    stack and reports what was alive at the step's peak, by call site (bench/memory_sites.py),
+    with the memory held before the step (weights, optimizer state) by parameter group."""
+    from collections import Counter
+
+    import torch
+    from transformers import TrainerCallback
+
+    from bench.memory_sites import GIB, gib, parameter_bytes, peak_live_sites
+
+    parts = {"vision": "visual", "embed_tokens": "embed_tokens", "lm_head": "lm_head"}
+
+    class MemorySites(TrainerCallback):
+        def __init__(self) -> None:
+            self.result: dict = {}
+
+        def on_step_begin(self, args, state, control, model=None, **k):
+            if state.global_step == step:
+                torch.cuda.synchronize()
+                self.base = torch.cuda.memory_allocated()
+                self.params = parameter_bytes(model, parts) if model is not None else {}
+                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+
+        def on_step_end(self, args, state, control, **k):
+            if state.global_step == step + 1 and not self.result:
+                torch.cuda.synchronize()
+                snap = torch.cuda.memory._snapshot()
+                torch.cuda.memory._record_memory_history(enabled=None)
+                device = torch.cuda.current_device()
+                peak = peak_live_sites(snap["device_traces"][device])
+                self.result = {
+                    "memory_step": step,
+                    "memory_base_gib": round(self.base / GIB, 3),
+                    "memory_base_parameters_gib": gib(Counter(self.params)),
+                    "memory_step_peak_above_base_gib": round(peak["peak_bytes"] / GIB, 3),
+                    "memory_peak_sites_gib": gib(peak["sites"], 25),
+                }
+
+        def summary(self) -> dict:
+            return self.result
+
+    return MemorySites()
+
+
 def steady(times: list[float], warmup: int, batch: int) -> dict:
     timed = times[warmup:]
     if not timed:
@@ -513,8 +558,17 @@ def mode_stage(a, model_dir: Path) -> dict:
     from vlm_ray.storage import LocalStore
 
     # Profiled steps (--profile-steps) come after the timed ones and are not in the timing.
-    steps = a.warmup + a.steps + a.profile_steps + int(a.sync_sites) + int(a.copy_sites)
-    store = LocalStore(f"/tmp/bench_stage_{a.shape}")
+    steps = (
+        a.warmup
+        + a.steps
+        + a.profile_steps
+        + int(a.sync_sites)
+        + int(a.copy_sites)
+        + int(a.memory_sites)
+    )
+    # One store per GPU: two chains may run this mode at once (bench/device_chains.sh).
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    store = LocalStore(f"/tmp/bench_stage_{a.shape}_gpu{gpu}")
     store.delete_prefix(layout.TRAIN_PROFILE)  # an earlier invocation's profile is not this one's
     recs = []
     for i, r in enumerate(sample_rows(a.batch * steps, a.image)):
@@ -577,9 +631,15 @@ def mode_stage(a, model_dir: Path) -> dict:
             copy_sites = make_copy_sites(last, trace) if a.copy_sites else None
             if copy_sites:
                 callbacks.append(copy_sites)
+            last += int(a.copy_sites)
+            memory_sites = make_memory_sites(last) if a.memory_sites else None
+            if memory_sites:
+                callbacks.append(memory_sites)
             if a.profile_steps:  # the stage's own profiler (train.profile_steps), after the timing
                 callbacks.append(StepProfiler(store, a.warmup + a.steps, a.profile_steps))
-            summary = train_unsloth(spec, store, Path("/tmp/bench_stage_work"), None, callbacks)
+            summary = train_unsloth(
+                spec, store, Path(f"/tmp/bench_stage_work_gpu{gpu}"), None, callbacks
+            )
             return {
                 **steady(clock.times[: a.warmup + a.steps], a.warmup, a.batch),
                 **(
@@ -591,6 +651,7 @@ def mode_stage(a, model_dir: Path) -> dict:
                 **checkpointing.summary(),
                 **(sync_sites.summary() if sync_sites else {}),
                 **(copy_sites.summary() if copy_sites else {}),
+                **(memory_sites.summary() if memory_sites else {}),
                 "gpu": torch.cuda.get_device_name(0),
             }
 
@@ -706,6 +767,13 @@ def main() -> None:
         help="'stage': one more step, profiled with Python stacks; the result counts its "
         "host-device copies and stream syncs by the Python code around them "
         "(bench/trace_sites.py), those torch's sync debug mode misses included",
+    )
+    p.add_argument(
+        "--memory-sites",
+        action="store_true",
+        help="'stage': one more step with the allocator recording; the result says what was "
+        "alive at the step's peak by the Python code that allocated it, and the memory held "
+        "before the step by parameter group (bench/memory_sites.py)",
     )
     p.add_argument("--label", default="", help="suffix of the result keys, e.g. '[bs16]'")
     p.add_argument("--no-split", action="store_true", help="skip the bare-step checks in 'unsloth'")

@@ -120,6 +120,7 @@ def test_help_table_lists_every_unsloth_knob() -> None:
         "model.load_in_16bit",
         "model.full_finetuning",
         "model.use_gradient_checkpointing",
+        "model.offload_embedding",
         "lora.finetune_vision_layers",
         "lora.finetune_language_layers",
         "lora.finetune_attention_modules",

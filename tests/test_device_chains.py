@@ -39,3 +39,24 @@ def test_chains_run_in_parallel_log_exit_codes_and_pack_the_results(tmp_path):
         names = set(archive.getnames())
     assert {"r/gpu0.json", "r/chain0.log", "r/chain1.log", "r/chain1_2.log"} <= names
     assert "chain 1 done" in done.stdout
+
+
+def test_chains_still_running_at_the_deadline_are_stopped_and_the_results_still_packed(tmp_path):
+    chain = tmp_path / "gpu0.txt"
+    chain.write_text("echo early > $R/early.txt\nsleep 60\necho never > $R/late.txt\n")
+    out = tmp_path / "out"
+
+    subprocess.run(
+        ["bash", str(SCRIPT), str(chain)],
+        env={"OUT": str(out), "PATH": "/usr/bin:/bin", "CHAIN_DEADLINE": "2"},
+        capture_output=True,
+        text=True,
+        timeout=30,  # far less than the chain's sleep
+        check=True,
+    )
+
+    log = (out / "r" / "chain0.log").read_text()
+    assert "stopped at CHAIN_DEADLINE=2s" in log
+    assert not (out / "r" / "late.txt").exists()
+    with tarfile.open(out / "results.tgz") as archive:
+        assert "r/early.txt" in archive.getnames()

@@ -239,6 +239,52 @@ def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
         assert cfg["r"] == spec.lora.r
 
 
+def test_fused_lora_mlp_gives_peft_s_loss_and_gradients(tiny_qwen2_vl: Path) -> None:
+    """train.fused_lora_mlp (Unsloth's LoRA SwiGLU in the language MLPs) changes what autograd
+    keeps, not what it computes: one 4-bit forward/backward with and without it."""
+    import torch
+
+    from vlm_ray.models.families import family_of
+    from vlm_ray.models.fused_lora_mlp import enable_fused_lora_mlp
+    from vlm_ray.train.unsloth_engine import build_unsloth_collator, load_unsloth_model
+
+    raw, _ = _spec(tiny_qwen2_vl, "unused", fused_lora_mlp=False)
+    raw["model"]["load_in_4bit"] = True
+    from vlm_ray.config import parse_spec
+
+    spec = parse_spec(raw)
+    model, processor = load_unsloth_model(spec, str(tiny_qwen2_vl))
+    collator = build_unsloth_collator(spec, model, processor, family_of(tiny_qwen2_vl))
+    batch = {k: v.to("cuda") for k, v in collator(_examples(4)).items()}
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():  # B starts at zero, which would leave every A's gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator, device="cuda") * 0.05)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {
+            n: p.grad.float().clone()
+            for n, p in model.named_parameters()
+            if p.grad is not None and ".mlp." in n and "language_model" in n
+        }
+
+    loss_peft, grads_peft = loss_and_grads()
+    text_layers = model.config.get_text_config().num_hidden_layers
+    assert enable_fused_lora_mlp(model) == text_layers
+    loss_fused, grads_fused = loss_and_grads()
+
+    assert loss_fused == pytest.approx(loss_peft, rel=1e-2)
+    assert grads_peft.keys() == grads_fused.keys() and len(grads_peft) == 6 * text_layers
+    for name, g in grads_peft.items():
+        assert g.norm() > 0, name
+        error = (grads_fused[name] - g).norm() / g.norm()
+        assert error < 5e-2, (name, error.item())
+
+
 def test_checkpointing_off_trains_the_same_steps_as_unsloth_s_and_checkpoints_no_layer(
     tiny_qwen2_vl: Path, tmp_path: Path
 ) -> None:

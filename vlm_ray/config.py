@@ -57,6 +57,14 @@ class ModelSpec(_Section):
             "13.92; False 10.96 at 19.59 (docs/benchmarks.md)."
         ),
     )
+    offload_embedding: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Keep the input embedding table in host memory (Unsloth engine): lookups run there "
+            'and only the looked-up rows reach the GPU; ~1 GiB less at 7B. "auto": Unsloth '
+            "decides from free memory."
+        ),
+    )
     trust_remote_code: bool = Field(
         False,
         description="Allow model code from the model folder (needed by DeepSeek-OCR). Off by default: it runs code shipped with the weights.",
@@ -290,6 +298,15 @@ class TrainSpec(_Section):
             "their activations). 'vision' was the fastest measured setting at 7B on an H200 "
             "(9.23 samples/s at batch 4 and 13.92 GiB; 33.38 at batch 32 in 56.4 GiB): "
             "recomputing the language model's layers is what costs (docs/benchmarks.md)."
+        ),
+    )
+    fused_lora_mlp: bool = Field(
+        True,
+        description=(
+            "Unsloth engine: run the language model's LoRA MLPs through Unsloth's fused SwiGLU "
+            "autograd function (as Unsloth does for language models; FastVisionModel does not), "
+            "which keeps two of the MLP's four wide intermediates per token and issues fewer "
+            "kernels. Same maths; MLPs with bias or LoRA dropout are left on PEFT's layers."
         ),
     )
     max_restarts: int = Field(

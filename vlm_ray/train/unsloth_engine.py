@@ -25,6 +25,7 @@ from typing import Any
 from vlm_ray.config import JobSpec
 from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.families import Family, family_of
+from vlm_ray.models.fused_lora_mlp import enable_fused_lora_mlp
 from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
@@ -53,6 +54,7 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
         load_in_16bit=m.load_in_16bit and not (m.load_in_4bit or m.load_in_8bit),
         full_finetuning=m.full_finetuning,
         use_gradient_checkpointing=m.use_gradient_checkpointing,
+        offload_embedding=m.offload_embedding,
         trust_remote_code=m.trust_remote_code,
         **({"attn_implementation": m.attn_implementation} if m.attn_implementation else {}),
     )
@@ -78,6 +80,10 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
     # One attention call per vision layer instead of one per image, each with device syncs
     # (3 per layer call, found on the GPU: docs/benchmarks.md, training run 9).
     enable_packed_vision_attention(model)
+    if spec.train.fused_lora_mlp and not m.full_finetuning:
+        # Unsloth's own fused LoRA MLP, which FastVisionModel leaves out: two of the four wide
+        # activations per token instead of four, fewer kernels (docs/benchmarks.md, run 11).
+        enable_fused_lora_mlp(model)
     return model, processor
 
 

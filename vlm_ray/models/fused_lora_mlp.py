@@ -1,0 +1,99 @@
+"""Unsloth's fused LoRA SwiGLU MLP for the language model of a vision-language model.
+
+For language models, Unsloth replaces each decoder MLP's forward with its own autograd
+function (`unsloth.kernels.apply_lora_mlp_swiglu`: dequantise + matmul + LoRA per projection,
+a Triton SwiGLU, and a hand-written backward). FastVisionModel does not: a vision model's
+language MLP runs through PEFT's LoRA layers and transformers' `down(act(gate(x)) * up(x))`,
+whose autograd keeps four intermediates of the MLP's width per token (gate, up, act(gate) and
+the product) where Unsloth's keeps two and recomputes the SwiGLU in the backward. At the 7B
+shape (width 18,944, 28 layers) that is ~76 KB per token per layer, ~2.4 GiB at batch 4 with
+448 px images — most of the difference between checkpointing the vision tower only and
+checkpointing everything. It also issues fewer kernels per MLP (the batch-4 step is bound by
+kernel launches).
+
+Only MLPs Unsloth's own patch would take: gate/up/down all LoRA-wrapped, no bias, SiLU, and
+the adapter without dropout (Unsloth's kernel draws no dropout masks). The vision tower's MLPs
+are left alone. The Unsloth engine applies it (GPU: the kernel is Triton).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+
+from vlm_ray.models.submodules import unwrapped
+
+log = logging.getLogger(__name__)
+
+
+def _silu_classes() -> tuple[type, ...]:
+    """torch's SiLU and transformers' own (ACT2CLS["silu"], what hidden_act "silu" builds)."""
+    import torch
+    from transformers.activations import ACT2CLS
+
+    theirs = ACT2CLS.get("silu", torch.nn.SiLU)
+    return (torch.nn.SiLU, theirs[0] if isinstance(theirs, tuple) else theirs)
+
+
+def _fusable(mlp: Any) -> bool:
+    """gate/up/down projections, each LoRA-wrapped (PEFT) without bias or dropout, and SiLU."""
+    import torch
+
+    projections = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(p is None or not hasattr(p, "lora_A") for p in projections):
+        return False
+    if not isinstance(getattr(mlp, "act_fn", None), _silu_classes()):
+        return False
+    for p in projections:
+        if getattr(p, "base_layer", p).bias is not None:
+            return False
+        if any(
+            not isinstance(d, torch.nn.Identity) for d in getattr(p, "lora_dropout", {}).values()
+        ):
+            return False
+        if getattr(p, "use_dora", {}) and any(p.use_dora.values()):
+            return False
+    return True
+
+
+def language_mlps(model: Any) -> list[tuple[str, Any]]:
+    """(name, module) of the language model's MLPs, outside the vision tower (per the family table)."""
+    from vlm_ray.models.families import family_by_name
+
+    family = family_by_name(unwrapped(model).config.model_type)
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.endswith(".mlp") and not family.in_vision_tower(name)
+    ]
+
+
+def enable_fused_lora_mlp(model: Any, forward: Callable[..., Any] | None = None) -> int:
+    """Give every fusable language MLP `forward` (default: Unsloth's apply_lora_mlp_swiglu,
+    not in place).
+
+    Returns how many MLPs were patched (0 for full fine-tuning: no LoRA layers). `forward` is a
+    parameter so the selection can be checked without a GPU.
+    """
+    if forward is None:
+        from unsloth.kernels import apply_lora_mlp_swiglu
+
+        # Not in place: its backward would write the input's gradient over the saved input,
+        # which the layer norm before it may still need (Unsloth's own models use its norm).
+        forward = functools.partial(apply_lora_mlp_swiglu, inplace=False)
+    found = language_mlps(model)
+    patched = 0
+    for _, mlp in found:
+        if _fusable(mlp):
+            mlp.forward = types.MethodType(forward, mlp)
+            patched += 1
+    if patched:
+        log.info(
+            "language MLP: Unsloth's fused LoRA SwiGLU in %d of %d layers", patched, len(found)
+        )
+    elif found:
+        log.info("language MLP: left on PEFT's LoRA layers (not fusable: bias, dropout or no LoRA)")
+    return patched
