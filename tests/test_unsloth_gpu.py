@@ -239,9 +239,13 @@ def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
         assert cfg["r"] == spec.lora.r
 
 
-def test_fused_lora_mlp_gives_peft_s_loss_and_gradients(tiny_qwen2_vl: Path) -> None:
-    """train.fused_lora_mlp (Unsloth's LoRA SwiGLU in the language MLPs) changes what autograd
-    keeps, not what it computes: one 4-bit forward/backward with and without it."""
+@pytest.mark.parametrize("recompute", [False, True], ids=["fused", "fused-recompute"])
+def test_fused_lora_mlp_gives_peft_s_loss_and_gradients(
+    tiny_qwen2_vl: Path, recompute: bool
+) -> None:
+    """train.fused_lora_mlp (Unsloth's LoRA SwiGLU in the language MLPs), and with
+    train.recompute_mlp, change what autograd keeps, not what it computes: one 4-bit
+    forward/backward with and without it."""
     import torch
 
     from vlm_ray.models.families import family_of
@@ -274,7 +278,7 @@ def test_fused_lora_mlp_gives_peft_s_loss_and_gradients(tiny_qwen2_vl: Path) -> 
 
     loss_peft, grads_peft = loss_and_grads()
     text_layers = model.config.get_text_config().num_hidden_layers
-    assert enable_fused_lora_mlp(model) == text_layers
+    assert enable_fused_lora_mlp(model, recompute=recompute) == text_layers
     loss_fused, grads_fused = loss_and_grads()
 
     assert loss_fused == pytest.approx(loss_peft, rel=1e-2)

@@ -309,6 +309,23 @@ class TrainSpec(_Section):
             "kernels. Same maths; MLPs with bias or LoRA dropout are left on PEFT's layers."
         ),
     )
+    recompute_mlp: bool = Field(
+        False,
+        description=(
+            "With train.fused_lora_mlp: keep only each language MLP's input for the backward "
+            "and recompute its gate and up projections there (two GEMMs per layer) instead of "
+            "keeping both (2 x width x tokens per layer; ~2.5 GiB at 7B, batch 4, 448 px)."
+        ),
+    )
+    loss_chunks: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Unsloth engine: row chunks of the fused cross-entropy (UNSLOTH_CE_LOSS_N_CHUNKS). "
+            "Default: Unsloth's choice from free memory, which is one chunk when there is room: "
+            "the logits of the whole batch at once (0.36 GiB at 7B, batch 4, 448 px)."
+        ),
+    )
     max_restarts: int = Field(
         3,
         ge=0,

@@ -11,6 +11,11 @@ shape (width 18,944, 28 layers) that is ~76 KB per token per layer, ~2.4 GiB at 
 checkpointing everything. It also issues fewer kernels per MLP (the batch-4 step is bound by
 kernel launches).
 
+`recompute=True` goes one step further (`recomputing_lora_mlp`): the autograd function keeps only
+the MLP's input and recomputes gate and up (two GEMMs with their LoRA terms) in the backward,
+where Unsloth's backward dequantises those weights anyway; at the 7B shape that is the other
+~2.5 GiB at batch 4, for work the batch-4 step has room for (the GPU idles most of it).
+
 Only MLPs Unsloth's own patch would take: gate/up/down all LoRA-wrapped, no bias, SiLU, and
 the adapter without dropout (Unsloth's kernel draws no dropout masks). The vision tower's MLPs
 are left alone. The Unsloth engine applies it (GPU: the kernel is Triton).
@@ -71,13 +76,87 @@ def language_mlps(model: Any) -> list[tuple[str, Any]]:
     ]
 
 
-def enable_fused_lora_mlp(model: Any, forward: Callable[..., Any] | None = None) -> int:
+def recomputing_lora_mlp() -> Callable[..., Any]:
+    """An MLP forward like Unsloth's apply_lora_mlp_swiglu whose autograd keeps only the input.
+
+    Built on call from Unsloth's own pieces (matmul_lora, its SwiGLU kernels, LoRA_MLP's
+    backward), so it needs Unsloth and a GPU. Any MLP the plain kernel would not take as is
+    (dropout, LoRA bias, several adapters, DoRA) goes to apply_lora_mlp_swiglu unchanged.
+    """
+    from types import SimpleNamespace
+
+    import torch
+    from unsloth.kernels import fast_lora
+    from unsloth.kernels.swiglu import swiglu_DWf_DW_dfg_kernel, swiglu_fg_kernel
+    from unsloth.kernels.utils import (
+        matmul_lora,
+        torch_amp_custom_bwd,
+        torch_amp_custom_fwd,
+    )
+
+    class RecomputingLoRAMLP(torch.autograd.Function):
+        """down(silu(gate(X)) * up(X)) with LoRA on all three; saves X, recomputes gate/up."""
+
+        @staticmethod
+        @torch_amp_custom_fwd
+        def forward(ctx, X, *weights):
+            gateW, gateQ, gateA, gateB, gateS, upW, upQ, upA, upB, upS = weights[:10]
+            downW, downQ, downA, downB, downS = weights[10:]
+            e = matmul_lora(X, gateW, gateQ, gateA, gateB, gateS)
+            g = matmul_lora(X, upW, upQ, upA, upB, upS)
+            out = matmul_lora(swiglu_fg_kernel(e, g), downW, downQ, downA, downB, downS)
+            ctx.frozen = (gateW, gateQ, gateS, upW, upQ, upS, downW, downQ, downS)
+            ctx.save_for_backward(gateA, gateB, upA, upB, downA, downB, X)
+            return out
+
+        @staticmethod
+        @torch_amp_custom_bwd
+        def backward(ctx, dY):
+            gateA, gateB, upA, upB, downA, downB, X = ctx.saved_tensors
+            gateW, gateQ, gateS, upW, upQ, upS = ctx.frozen[:6]
+            e = matmul_lora(X, gateW, gateQ, gateA, gateB, gateS)
+            g = matmul_lora(X, upW, upQ, upA, upB, upS)
+            # LoRA_MLP's own backward, handed what its forward would have saved.
+            saved = SimpleNamespace(
+                custom_saved_tensors=(*ctx.frozen, swiglu_DWf_DW_dfg_kernel),
+                saved_tensors=(gateA, gateB, upA, upB, downA, downB, X, e, g, None, None, None),
+                inplace=False,
+                dropout_p=(0.0, 0.0, 0.0),
+                biases=(False, False, False),
+                _fwd_used_autocast=ctx._fwd_used_autocast,
+                _dtype=ctx._dtype,
+            )
+            # Its inputs: X, the 15 weights, then 7 arguments that take no gradient.
+            return fast_lora.LoRA_MLP.backward(saved, dY)[:16]
+
+    def forward(self, X):
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        plain = not any(
+            fast_lora._has_multiple_active_adapters(p)
+            or fast_lora._has_active_dora_adapter(p)
+            or fast_lora._has_activation_fake_quantizer(p)
+            for p in projections
+        )
+        extras = fast_lora._lora_dropout_and_bias(projections, X) if plain else None
+        if extras is None or extras[0] is not None or any(b is not None for b in extras[1]):
+            return fast_lora.apply_lora_mlp_swiglu(self, X, inplace=False)
+        weights = [w for p in projections for w in fast_lora.get_lora_parameters(p)]
+        return fast_lora._apply(RecomputingLoRAMLP, X, *weights)
+
+    return forward
+
+
+def enable_fused_lora_mlp(
+    model: Any, forward: Callable[..., Any] | None = None, recompute: bool = False
+) -> int:
     """Give every fusable language MLP `forward` (default: Unsloth's apply_lora_mlp_swiglu,
-    not in place).
+    not in place; with `recompute`, recomputing_lora_mlp()).
 
     Returns how many MLPs were patched (0 for full fine-tuning: no LoRA layers). `forward` is a
     parameter so the selection can be checked without a GPU.
     """
+    if forward is None and recompute:
+        forward = recomputing_lora_mlp()
     if forward is None:
         from unsloth.kernels import apply_lora_mlp_swiglu
 

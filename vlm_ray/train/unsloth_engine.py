@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,23 @@ from vlm_ray.train.trainer_args import common_trainer_kwargs
 log = logging.getLogger(__name__)
 
 
+def set_loss_chunks(chunks: int | None) -> None:
+    """How many row chunks Unsloth's fused cross-entropy splits the batch into (None: its own
+    choice from free memory, one chunk when there is room). Unsloth reads
+    UNSLOTH_CE_LOSS_N_CHUNKS when it is imported; an already imported module is told directly."""
+    if chunks is None:
+        return
+    os.environ["UNSLOTH_CE_LOSS_N_CHUNKS"] = str(chunks)
+    loaded = sys.modules.get("unsloth_zoo.fused_losses.cross_entropy_loss")
+    if loaded is not None:
+        loaded.N_CHUNKS = str(chunks)
+
+
 def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
     """FastVisionModel.from_pretrained (+ get_peft_model unless full fine-tuning) + for_training."""
     # before from_pretrained: it would run Python files shipped in the folder
     check_remote_code(spec.model.name, model_path, spec.model.trust_remote_code)
+    set_loss_chunks(spec.train.loss_chunks)
     import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
     from unsloth import FastVisionModel
 
@@ -83,7 +98,7 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
     if spec.train.fused_lora_mlp and not m.full_finetuning:
         # Unsloth's own fused LoRA MLP, which FastVisionModel leaves out: two of the four wide
         # activations per token instead of four, fewer kernels (docs/benchmarks.md, run 11).
-        enable_fused_lora_mlp(model)
+        enable_fused_lora_mlp(model, recompute=spec.train.recompute_mlp)
     return model, processor
 
 
