@@ -61,8 +61,9 @@ class ModelSpec(_Section):
         "auto",
         description=(
             "Keep the input embedding table in host memory (Unsloth engine): lookups run there "
-            'and only the looked-up rows reach the GPU; ~1 GiB less at 7B. "auto": Unsloth '
-            "decides from free memory."
+            'and only the looked-up rows reach the GPU. "auto": Unsloth decides from free '
+            "memory. Measured at 7B, batch 4 (H200): 1 GiB less, but 64% longer steps "
+            "(docs/benchmarks.md run 11)."
         ),
     )
     trust_remote_code: bool = Field(
@@ -306,7 +307,9 @@ class TrainSpec(_Section):
             "Unsloth engine: run the language model's LoRA MLPs through Unsloth's fused SwiGLU "
             "autograd function (as Unsloth does for language models; FastVisionModel does not), "
             "which keeps two of the MLP's four wide intermediates per token and issues fewer "
-            "kernels. Same maths; MLPs with bias or LoRA dropout are left on PEFT's layers."
+            "kernels. Same maths; MLPs with bias or LoRA dropout are left on PEFT's layers. "
+            "7B, batch 4, vision tower checkpointed (H200): 11.93 samples/s at 12.60 GiB vs "
+            "11.53 at 13.92 without (docs/benchmarks.md run 11)."
         ),
     )
     recompute_mlp: bool = Field(
@@ -314,7 +317,9 @@ class TrainSpec(_Section):
         description=(
             "With train.fused_lora_mlp: keep only each language MLP's input for the backward "
             "and recompute its gate and up projections there (two GEMMs per layer) instead of "
-            "keeping both (2 x width x tokens per layer; ~2.5 GiB at 7B, batch 4, 448 px)."
+            "keeping both. 7B, batch 4, 448 px, vision tower checkpointed (H200): peak 10.23 "
+            "GiB vs 12.60, 9.45-10.01 samples/s vs 9.39 (runs 12-13); unmeasured at large batch, "
+            "where the two extra GEMMs per layer are not hidden by host time."
         ),
     )
     loss_chunks: int | None = Field(
@@ -323,7 +328,8 @@ class TrainSpec(_Section):
         description=(
             "Unsloth engine: row chunks of the fused cross-entropy (UNSLOTH_CE_LOSS_N_CHUNKS). "
             "Default: Unsloth's choice from free memory, which is one chunk when there is room: "
-            "the logits of the whole batch at once (0.36 GiB at 7B, batch 4, 448 px)."
+            "the logits of the whole batch at once (0.36 GiB at 7B, batch 4, 448 px). 4 "
+            "chunks there: 0.47 GiB lower peak, 8% slower (docs/benchmarks.md run 12)."
         ),
     )
     max_restarts: int = Field(
