@@ -33,18 +33,27 @@ def peak_live_sites(trace: Iterable[dict[str, Any]], depth: int = 4) -> dict[str
     torch.cuda.memory_allocated does); frees of blocks allocated before recording are ignored.
     Returns {"peak_bytes": ..., "sites": Counter of live bytes at the peak by call site}.
     """
-    live: dict[int, tuple[int, dict[str, Any]]] = {}
-    now = peak = 0
-    at_peak: dict[int, tuple[int, dict[str, Any]]] = {}
-    for entry in trace:
+    entries = list(trace)
+    # First the height and place of the peak, then the blocks alive there (one replay each,
+    # rather than a copy of the live set at every new high).
+    now = peak = peak_at = 0
+    live_sizes: dict[int, int] = {}
+    for i, entry in enumerate(entries):
         action = entry.get("action")
         if action == "alloc":
-            live[entry["addr"]] = (entry["size"], entry)
+            live_sizes[entry["addr"]] = entry["size"]
             now += entry["size"]
             if now > peak:
-                peak, at_peak = now, dict(live)
-        elif action == "free_requested" and entry["addr"] in live:
-            now -= live.pop(entry["addr"])[0]
+                peak, peak_at = now, i
+        elif action == "free_requested" and entry["addr"] in live_sizes:
+            now -= live_sizes.pop(entry["addr"])
+    at_peak: dict[int, tuple[int, dict[str, Any]]] = {}
+    for entry in entries[: peak_at + 1] if peak else []:
+        action = entry.get("action")
+        if action == "alloc":
+            at_peak[entry["addr"]] = (entry["size"], entry)
+        elif action == "free_requested":
+            at_peak.pop(entry["addr"], None)
     sites: Counter = Counter()
     for size, entry in at_peak.values():
         sites[call_site(_frames(entry), depth)] += size

@@ -268,7 +268,7 @@ def make_memory_sites(step: int):
             if state.global_step == step:
                 torch.cuda.synchronize()
                 self.base = torch.cuda.memory_allocated()
-                self.params = parameter_bytes(model, parts) if model is not None else {}
+                self.params = parameter_bytes(model, parts) if model is not None else Counter()
                 torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
 
         def on_step_end(self, args, state, control, **k):
@@ -281,7 +281,7 @@ def make_memory_sites(step: int):
                 self.result = {
                     "memory_step": step,
                     "memory_base_gib": round(self.base / GIB, 3),
-                    "memory_base_parameters_gib": gib(Counter(self.params)),
+                    "memory_base_parameters_gib": gib(self.params),
                     "memory_step_peak_above_base_gib": round(peak["peak_bytes"] / GIB, 3),
                     "memory_peak_sites_gib": gib(peak["sites"], 25),
                 }

@@ -306,8 +306,8 @@ class TrainSpec(_Section):
         description=(
             "Unsloth engine: run the language model's LoRA MLPs through Unsloth's fused SwiGLU "
             "autograd function (as Unsloth does for language models; FastVisionModel does not), "
-            "which keeps two of the MLP's four wide intermediates per token and issues fewer "
-            "kernels. Same maths; MLPs with bias or LoRA dropout are left on PEFT's layers. "
+            "which keeps two of the MLP's wide intermediates per token instead of three and "
+            "issues fewer kernels. Same maths; MLPs with bias or LoRA dropout are left on PEFT's layers. "
             "7B, batch 4, vision tower checkpointed (H200): 11.93 samples/s at 12.60 GiB vs "
             "11.53 at 13.92 without (docs/benchmarks.md run 11)."
         ),

@@ -3,18 +3,18 @@
 For language models, Unsloth replaces each decoder MLP's forward with its own autograd
 function (`unsloth.kernels.apply_lora_mlp_swiglu`: dequantise + matmul + LoRA per projection,
 a Triton SwiGLU, and a hand-written backward). FastVisionModel does not: a vision model's
-language MLP runs through PEFT's LoRA layers and transformers' `down(act(gate(x)) * up(x))`,
-whose autograd keeps four intermediates of the MLP's width per token (gate, up, act(gate) and
-the product) where Unsloth's keeps two and recomputes the SwiGLU in the backward. At the 7B
-shape (width 18,944, 28 layers) that is ~76 KB per token per layer, ~2.4 GiB at batch 4 with
-448 px images — most of the difference between checkpointing the vision tower only and
-checkpointing everything. It also issues fewer kernels per MLP (the batch-4 step is bound by
-kernel launches).
+language MLP runs through PEFT's LoRA layers and transformers' `down(act(gate(x)) * up(x))`.
+Measured at the 7B shape (width 18,944, 28 layers, batch 4, 448 px; docs/benchmarks.md run 11),
+that path keeps three tensors of the MLP's width per token and layer for the backward
+(1.25 GiB each over the 28 layers); Unsloth's function keeps two (gate and up) and recomputes
+the SwiGLU in the backward: the peak went from 13.92 to 12.60 GiB, and the step was a little
+faster (fewer kernels per MLP).
 
 `recompute=True` goes one step further (`recomputing_lora_mlp`): the autograd function keeps only
 the MLP's input and recomputes gate and up (two GEMMs with their LoRA terms) in the backward,
-where Unsloth's backward dequantises those weights anyway; at the 7B shape that is the other
-~2.5 GiB at batch 4, for work the batch-4 step has room for (the GPU idles most of it).
+where Unsloth's backward dequantises those weights anyway; at the 7B shape the peak went from
+12.60 to 10.23 GiB at batch 4 with no measurable cost there (the GPU idles most of that step;
+runs 12-13).
 
 Only MLPs Unsloth's own patch would take: gate/up/down all LoRA-wrapped, no bias, SiLU, and
 the adapter without dropout (Unsloth's kernel draws no dropout masks). The vision tower's MLPs

@@ -96,8 +96,8 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
     # (3 per layer call, found on the GPU: docs/benchmarks.md, training run 9).
     enable_packed_vision_attention(model)
     if spec.train.fused_lora_mlp and not m.full_finetuning:
-        # Unsloth's own fused LoRA MLP, which FastVisionModel leaves out: two of the four wide
-        # activations per token instead of four, fewer kernels (docs/benchmarks.md, run 11).
+        # Unsloth's own fused LoRA MLP, which FastVisionModel leaves out: two wide activations
+        # per token kept instead of three, fewer kernels (docs/benchmarks.md, run 11).
         enable_fused_lora_mlp(model, recompute=spec.train.recompute_mlp)
     return model, processor
 
