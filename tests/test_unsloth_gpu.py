@@ -289,6 +289,57 @@ def test_fused_lora_mlp_gives_peft_s_loss_and_gradients(
         assert error < 5e-2, (name, error.item())
 
 
+def test_compiled_vision_blocks_give_eager_loss_and_gradients(tiny_qwen2_vl: Path) -> None:
+    """train.compile_vision changes how the vision blocks are dispatched, not what they compute:
+    one 4-bit forward/backward with the vision tower checkpointed (as train.checkpoint_scope:
+    vision leaves it, so the compiled blocks also run inside the checkpoint's recomputation),
+    eager and then compiled, twice (the second call runs the cached graphs)."""
+    import torch
+
+    from vlm_ray.config import parse_spec
+    from vlm_ray.models.compiled_vision import compile_vision_blocks, vision_blocks
+    from vlm_ray.models.families import family_of
+    from vlm_ray.train.activation_checkpointing import checkpointed_layers, limit_checkpointing
+    from vlm_ray.train.unsloth_engine import build_unsloth_collator, load_unsloth_model
+
+    raw, _ = _spec(tiny_qwen2_vl, "unused", compile_vision=False)
+    raw["model"].update(load_in_4bit=True, use_gradient_checkpointing=True)
+    spec = parse_spec(raw)
+    model, processor = load_unsloth_model(spec, str(tiny_qwen2_vl))
+    collator = build_unsloth_collator(spec, model, processor, family_of(tiny_qwen2_vl))
+    batch = {k: v.to("cuda") for k, v in collator(_examples(4)).items()}
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():  # B starts at zero, which would leave every A's gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator, device="cuda") * 0.05)
+    model.gradient_checkpointing_enable()  # what the Trainer does when training begins
+    limit_checkpointing(model, "vision")
+    blocks = len(vision_blocks(model))
+    assert checkpointed_layers(model)[0] == blocks > 0
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {
+            n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    loss_eager, grads_eager = loss_and_grads()
+    assert compile_vision_blocks(model) == blocks
+    for _ in range(2):
+        loss_compiled, grads_compiled = loss_and_grads()
+        assert loss_compiled == pytest.approx(loss_eager, rel=1e-2)
+        assert grads_compiled.keys() == grads_eager.keys()
+        vision = [n for n in grads_eager if "visual" in n and "lora_" in n]
+        assert len(vision) >= 4 * blocks  # LoRA A and B on qkv/proj (and the MLP) of every block
+        for name, g in grads_eager.items():
+            assert g.norm() > 0, name
+            error = (grads_compiled[name] - g).norm() / g.norm()
+            assert error < 5e-2, (name, error.item())
+
+
 def test_checkpointing_off_trains_the_same_steps_as_unsloth_s_and_checkpoints_no_layer(
     tiny_qwen2_vl: Path, tmp_path: Path
 ) -> None:

@@ -322,6 +322,17 @@ class TrainSpec(_Section):
             "where the two extra GEMMs per layer are not hidden by host time."
         ),
     )
+    compile_vision: bool = Field(
+        False,
+        description=(
+            "Unsloth engine: torch.compile each vision block, its LoRA layers and attention "
+            "included, so that its forward, its recomputation under checkpointing and its "
+            "backward each run as one compiled graph instead of dozens of Python-dispatched "
+            "ops. At batch 4 the step is bound by host time, most of it in the vision tower "
+            "(GPU busy 21% of the step at 7B, docs/benchmarks.md run 9). Costs one compilation "
+            "per input shape in the first steps."
+        ),
+    )
     loss_chunks: int | None = Field(
         None,
         ge=1,
