@@ -676,13 +676,14 @@ def run_child(mode: str, argv: list[str]) -> dict:
     """Run one mode in a fresh Python process; its last RESULT line is the answer."""
     t = time.time()
     cmd = [sys.executable, __file__, "--child", mode, *argv]
-    proc = subprocess.run(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
-    )
-    lines = proc.stdout.splitlines()
+    # Echoed as it comes, so a run cut by `timeout` still shows how far it got.
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            print(f"  | {lines[-1]}", flush=True)
     found = [json.loads(x[len("RESULT ") :]) for x in lines if x.startswith("RESULT ")]
     if not found:
-        print("\n".join(lines[-40:]), flush=True)
         return {"error": f"exit {proc.returncode}", "wall_s": round(time.time() - t)}
     return {**found[-1], "wall_s": round(time.time() - t)}
 
