@@ -239,6 +239,31 @@ def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
         assert cfg["r"] == spec.lora.r
 
 
+def _four_bit_model_and_batch(tiny: Path, use_gradient_checkpointing=None, **train):
+    """The tiny model through the Unsloth engine in 4-bit, one collated batch of 4 on the GPU,
+    and LoRA B drawn at random (it starts at zero, which would leave every A's gradient zero)."""
+    import torch
+
+    from vlm_ray.config import parse_spec
+    from vlm_ray.models.families import family_of
+    from vlm_ray.train.unsloth_engine import build_unsloth_collator, load_unsloth_model
+
+    raw, _ = _spec(tiny, "unused", **train)
+    raw["model"]["load_in_4bit"] = True
+    if use_gradient_checkpointing is not None:  # else the spec's default
+        raw["model"]["use_gradient_checkpointing"] = use_gradient_checkpointing
+    spec = parse_spec(raw)
+    model, processor = load_unsloth_model(spec, str(tiny))
+    collator = build_unsloth_collator(spec, model, processor, family_of(tiny))
+    batch = {k: v.to("cuda") for k, v in collator(_examples(4)).items()}
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator, device="cuda") * 0.05)
+    return model, batch
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["fused", "fused-recompute"])
 def test_fused_lora_mlp_gives_peft_s_loss_and_gradients(
     tiny_qwen2_vl: Path, recompute: bool
@@ -246,25 +271,9 @@ def test_fused_lora_mlp_gives_peft_s_loss_and_gradients(
     """train.fused_lora_mlp (Unsloth's LoRA SwiGLU in the language MLPs), and with
     train.recompute_mlp, change what autograd keeps, not what it computes: one 4-bit
     forward/backward with and without it."""
-    import torch
-
-    from vlm_ray.models.families import family_of
     from vlm_ray.models.fused_lora_mlp import enable_fused_lora_mlp
-    from vlm_ray.train.unsloth_engine import build_unsloth_collator, load_unsloth_model
 
-    raw, _ = _spec(tiny_qwen2_vl, "unused", fused_lora_mlp=False)
-    raw["model"]["load_in_4bit"] = True
-    from vlm_ray.config import parse_spec
-
-    spec = parse_spec(raw)
-    model, processor = load_unsloth_model(spec, str(tiny_qwen2_vl))
-    collator = build_unsloth_collator(spec, model, processor, family_of(tiny_qwen2_vl))
-    batch = {k: v.to("cuda") for k, v in collator(_examples(4)).items()}
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():  # B starts at zero, which would leave every A's gradient zero
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator, device="cuda") * 0.05)
+    model, batch = _four_bit_model_and_batch(tiny_qwen2_vl, fused_lora_mlp=False)
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
@@ -294,25 +303,13 @@ def test_compiled_vision_blocks_give_eager_loss_and_gradients(tiny_qwen2_vl: Pat
     one 4-bit forward/backward with the vision tower checkpointed (as train.checkpoint_scope:
     vision leaves it, so the compiled blocks also run inside the checkpoint's recomputation),
     eager and then compiled, twice (the second call runs the cached graphs)."""
-    import torch
 
-    from vlm_ray.config import parse_spec
     from vlm_ray.models.compiled_vision import compile_vision_blocks, vision_blocks
-    from vlm_ray.models.families import family_of
     from vlm_ray.train.activation_checkpointing import checkpointed_layers, limit_checkpointing
-    from vlm_ray.train.unsloth_engine import build_unsloth_collator, load_unsloth_model
 
-    raw, _ = _spec(tiny_qwen2_vl, "unused", compile_vision=False)
-    raw["model"].update(load_in_4bit=True, use_gradient_checkpointing=True)
-    spec = parse_spec(raw)
-    model, processor = load_unsloth_model(spec, str(tiny_qwen2_vl))
-    collator = build_unsloth_collator(spec, model, processor, family_of(tiny_qwen2_vl))
-    batch = {k: v.to("cuda") for k, v in collator(_examples(4)).items()}
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():  # B starts at zero, which would leave every A's gradient zero
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator, device="cuda") * 0.05)
+    model, batch = _four_bit_model_and_batch(
+        tiny_qwen2_vl, compile_vision=False, use_gradient_checkpointing=True
+    )
     model.gradient_checkpointing_enable()  # what the Trainer does when training begins
     limit_checkpointing(model, "vision")
     blocks = len(vision_blocks(model))
