@@ -677,12 +677,12 @@ def run_child(mode: str, argv: list[str]) -> dict:
     t = time.time()
     cmd = [sys.executable, __file__, "--child", mode, *argv]
     # Echoed as it comes, so a run cut by `timeout` still shows how far it got.
-    lines = []
+    found = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            print(f"  | {lines[-1]}", flush=True)
-    found = [json.loads(x[len("RESULT ") :]) for x in lines if x.startswith("RESULT ")]
+            print(f"  | {line}", end="", flush=True)
+            if line.startswith("RESULT "):
+                found.append(json.loads(line[len("RESULT ") :]))
     if not found:
         return {"error": f"exit {proc.returncode}", "wall_s": round(time.time() - t)}
     return {**found[-1], "wall_s": round(time.time() - t)}

@@ -239,7 +239,7 @@ def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
         assert cfg["r"] == spec.lora.r
 
 
-def _four_bit_model_and_batch(tiny: Path, use_gradient_checkpointing=None, **train):
+def _four_bit_model_and_batch(tiny: Path, use_gradient_checkpointing: bool | None = None, **train):
     """The tiny model through the Unsloth engine in 4-bit, one collated batch of 4 on the GPU,
     and LoRA B drawn at random (it starts at zero, which would leave every A's gradient zero)."""
     import torch
@@ -303,7 +303,6 @@ def test_compiled_vision_blocks_give_eager_loss_and_gradients(tiny_qwen2_vl: Pat
     one 4-bit forward/backward with the vision tower checkpointed (as train.checkpoint_scope:
     vision leaves it, so the compiled blocks also run inside the checkpoint's recomputation),
     eager and then compiled, twice (the second call runs the cached graphs)."""
-
     from vlm_ray.models.compiled_vision import compile_vision_blocks, vision_blocks
     from vlm_ray.train.activation_checkpointing import checkpointed_layers, limit_checkpointing
 
