@@ -293,13 +293,24 @@ def make_memory_sites(step: int):
 
 
 def steady(times: list[float], warmup: int, batch: int) -> dict:
+    """Throughput over the timed steps (their mean), with their median and slowest step.
+
+    samples/s stays the mean's: a stall in the timed window (a recompile on a new padded length
+    took 27 s of one batch-64 step in run 16) is time the run really spent. The median and max
+    show whether the mean hides one.
+    """
     timed = times[warmup:]
     if not timed:
         return {"error": f"only {len(times)} steps ran, {warmup} were warm-up"}
     mean = sum(timed) / len(timed)
+    ordered = sorted(timed)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
     return {
         "samples_per_s": round(batch / mean, 3),
         "step_ms": round(mean * 1e3, 1),
+        "median_step_ms": round(median * 1e3, 1),
+        "max_step_ms": round(ordered[-1] * 1e3, 1),
         "timed_steps": len(timed),
         "first_step_s": round(times[0], 1),
     }
@@ -708,15 +719,18 @@ def summarise(results: dict, shape: str, gpu: str, peak: float, earlier: dict | 
     lines = [
         f"{shape} on {gpu}:",
         "",
-        "| mode | samples/s | step ms | peak GiB | MFU | x HF |",
+        "| mode | samples/s | step ms (median, max) | peak GiB | MFU | x HF |",
         "|---|---|---|---|---|---|",
     ]
     for mode, r in results.items():
         sps = r.get("samples_per_s")
         mfu = f"{100 * sps * flops / peak:.1f}%" if sps and flops else "-"
         ratio = f"{sps / base:.2f}" if sps and base else "-"
+        step = str(r.get("step_ms", "-"))
+        if "median_step_ms" in r:
+            step += f" ({r['median_step_ms']}, {r['max_step_ms']})"
         lines.append(
-            f"| {mode} | {sps if sps else r.get('error', '-')} | {r.get('step_ms', '-')} | "
+            f"| {mode} | {sps if sps else r.get('error', '-')} | {step} | "
             f"{r.get('peak_gib', '-')} | {mfu} | {ratio} |"
         )
     return "\n".join(lines)

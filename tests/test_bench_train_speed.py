@@ -1,0 +1,52 @@
+"""bench/train_speed.py's step statistics and table (the GPU runs themselves happen on the device)."""
+
+from __future__ import annotations
+
+from bench.train_speed import steady, summarise
+
+
+def test_throughput_is_the_timed_steps_mean_and_the_median_and_max_expose_a_stall():
+    # 2 warm-up steps, then nine 2 s steps and one 27 s stall (run 16's batch-64 run).
+    times = [30.0, 3.0] + [2.0] * 9 + [27.0]
+
+    r = steady(times, warmup=2, batch=64)
+
+    assert r["timed_steps"] == 10
+    assert r["step_ms"] == 4500.0  # (9 * 2 + 27) / 10 s
+    assert r["samples_per_s"] == round(64 / 4.5, 3)
+    assert r["median_step_ms"] == 2000.0
+    assert r["max_step_ms"] == 27000.0
+    assert r["first_step_s"] == 30.0
+
+
+def test_an_even_number_of_timed_steps_takes_the_middle_pair_for_the_median():
+    r = steady([9.0, 1.0, 3.0, 2.0, 4.0], warmup=1, batch=4)
+    assert r["median_step_ms"] == 2500.0
+    assert r["max_step_ms"] == 4000.0
+
+
+def test_a_run_cut_inside_its_warm_up_reports_why_it_has_no_figure():
+    assert steady([5.0, 1.0], warmup=8, batch=4) == {"error": "only 2 steps ran, 8 were warm-up"}
+
+
+def test_the_table_shows_median_and_max_beside_the_mean_and_the_ratio_to_hf():
+    results = {
+        "hf[bs4]": {
+            "samples_per_s": 4.0,
+            "step_ms": 1000.0,
+            "peak_gib": 17.18,
+            "flops_per_sample": 1e12,
+        },
+        "stage[bs4]": {
+            "samples_per_s": 8.0,
+            "step_ms": 500.0,
+            "median_step_ms": 480.0,
+            "max_step_ms": 700.0,
+            "peak_gib": 10.23,
+        },
+    }
+
+    table = summarise(results, "7b", "NVIDIA H200", peak=1e15)
+
+    assert "| stage[bs4] | 8.0 | 500.0 (480.0, 700.0) | 10.23 | 0.8% | 2.00 |" in table
+    assert "| hf[bs4] | 4.0 | 1000.0 | 17.18 | 0.4% | 1.00 |" in table
