@@ -35,6 +35,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -147,6 +148,30 @@ def make_clock():
             self.times.append(time.perf_counter() - self.t)
 
     return StepClock()
+
+
+def make_early_result(step: int, timing, checkpointing):
+    """A TrainerCallback that prints a RESULT line when optimiser step `step` ends: `timing()`,
+    the peak GPU memory so far and the checkpointing report, marked partial. The stage's own
+    RESULT, printed when it returns, comes later and replaces it (run_child keeps the last)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class EarlyResult(TrainerCallback):
+        def on_step_end(self, args, state, control, **k):
+            if state.global_step != step:
+                return
+            res = {
+                **timing(),
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if torch.cuda.is_available()
+                else None,
+                **checkpointing.summary(),
+                "partial": f"printed after step {step}; the run went on (profiling, saving)",
+            }
+            print("RESULT " + json.dumps(res), flush=True)
+
+    return EarlyResult()
 
 
 def sites_summary(kind: str, total_key: str, step: int, sites) -> dict:
@@ -631,7 +656,13 @@ def mode_stage(a, model_dir: Path) -> dict:
             from vlm_ray.train.unsloth_engine import train_unsloth
 
             clock, checkpointing = make_clock(), CheckpointingReport(spec.train.checkpoint_scope)
-            callbacks = [clock, checkpointing]
+            timed = a.warmup + a.steps
+            # The figure exists once the timed steps are done: printed then (Ray forwards it), it
+            # survives a `timeout` that cuts the run later, while it profiles or saves.
+            early = make_early_result(
+                timed, lambda: steady(clock.times[:timed], a.warmup, a.batch), checkpointing
+            )
+            callbacks = [clock, checkpointing, early]
             # One step of its own after the timed and profiled ones (its warnings slow it).
             last = a.warmup + a.steps + a.profile_steps
             sync_sites = make_sync_sites(last) if a.sync_sites else None
@@ -683,6 +714,19 @@ MODES = {
 # --- driver ----------------------------------------------------------------------------------
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ACTOR_PREFIX = re.compile(r"^\([\w.:-]+ pid=\d+(?:, ip=[\d.]+)?\) ")
+
+
+def result_of(line: str) -> dict | None:
+    """The JSON of a `RESULT {...}` line, from the child itself or forwarded by Ray from an actor
+    (which prefixes "(Trainer pid=N) ", colour codes included); None for any other line."""
+    text = _ACTOR_PREFIX.sub("", _ANSI.sub("", line).strip())
+    if not text.startswith("RESULT "):
+        return None
+    return json.loads(text[len("RESULT ") :])
+
+
 def run_child(mode: str, argv: list[str]) -> dict:
     """Run one mode in a fresh Python process; its last RESULT line is the answer."""
     t = time.time()
@@ -692,8 +736,9 @@ def run_child(mode: str, argv: list[str]) -> dict:
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             print(f"  | {line}", end="", flush=True)
-            if line.startswith("RESULT "):
-                found.append(json.loads(line[len("RESULT ") :]))
+            result = result_of(line)
+            if result is not None:
+                found.append(result)
     if not found:
         return {"error": f"exit {proc.returncode}", "wall_s": round(time.time() - t)}
     return {**found[-1], "wall_s": round(time.time() - t)}

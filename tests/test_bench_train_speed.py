@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.train_speed import steady, summarise
+from bench.train_speed import make_early_result, result_of, steady, summarise
 
 
 def test_throughput_is_the_timed_steps_mean_and_the_median_and_max_expose_a_stall():
@@ -50,3 +50,32 @@ def test_the_table_shows_median_and_max_beside_the_mean_and_the_ratio_to_hf():
 
     assert "| stage[bs4] | 8.0 | 500.0 (480.0, 700.0) | 10.23 | 0.8% | 2.00 |" in table
     assert "| hf[bs4] | 4.0 | 1000.0 | 17.18 | 0.4% | 1.00 |" in table
+
+
+def test_result_lines_are_read_from_the_child_and_from_a_ray_actor_s_forwarded_output():
+    assert result_of('RESULT {"samples_per_s": 8.0}\n') == {"samples_per_s": 8.0}
+    forwarded = '\x1b[36m(Trainer pid=1279)\x1b[0m RESULT {"samples_per_s": 6.9}\n'
+    assert result_of(forwarded) == {"samples_per_s": 6.9}
+    assert result_of('(Trainer pid=7, ip=10.0.0.2) RESULT {"a": 1}') == {"a": 1}
+    assert result_of("\x1b[36m(Trainer pid=1279)\x1b[0m {'train_runtime': '94.5'}") is None
+    assert result_of("100%|██████████| 18/18 [00:59<00:00,  3.32s/it]") is None
+
+
+def test_the_stage_s_timing_is_printed_as_soon_as_the_timed_steps_are_done(capsys):
+    from types import SimpleNamespace
+
+    class Report:
+        def summary(self):
+            return {"checkpointed_layers": "32/60"}
+
+    early = make_early_result(3, lambda: {"samples_per_s": 8.0}, Report())
+    for step in (1, 2, 3, 4):
+        early.on_step_end(None, SimpleNamespace(global_step=step), None)
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert len(lines) == 1  # once, after step 3
+    result = result_of(lines[0])
+    assert result["samples_per_s"] == 8.0
+    assert result["checkpointed_layers"] == "32/60"
+    assert "after step 3" in result["partial"]
+    assert "peak_gib" in result
