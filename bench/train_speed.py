@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -320,8 +321,8 @@ def make_memory_sites(step: int):
 def steady(times: list[float], warmup: int, batch: int) -> dict:
     """Throughput over the timed steps (their mean), with their median and slowest step.
 
-    samples/s stays the mean's: a stall in the timed window (a recompile on a new padded length
-    took 27 s of one batch-64 step in run 16) is time the run really spent. The median and max
+    samples/s stays the mean's: a stall in the timed window (27 s in one batch-64 step of run 16,
+    most likely a recompile on a new padded length) is time the run really spent. The median and max
     show whether the mean hides one.
     """
     timed = times[warmup:]
@@ -727,21 +728,49 @@ def result_of(line: str) -> dict | None:
     return json.loads(text[len("RESULT ") :])
 
 
-def run_child(mode: str, argv: list[str]) -> dict:
-    """Run one mode in a fresh Python process; its last RESULT line is the answer."""
+class Stopped(Exception):
+    """SIGTERM reached the driver: the chain's `timeout` ran out."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def collect_results(cmd: list[str]) -> dict:
+    """Run `cmd`, echoing its output as it comes (so a cut run shows how far it got); the answer
+    is its last RESULT line, or an error. If the driver is stopped (SIGTERM, with _stop installed)
+    the child is stopped too and the last RESULT so far is kept, marked "cut": the stage prints
+    its timing before it saves, so a run cut while saving still has its figure."""
     t = time.time()
-    cmd = [sys.executable, __file__, "--child", mode, *argv]
-    # Echoed as it comes, so a run cut by `timeout` still shows how far it got.
     found = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
         for line in proc.stdout:
             print(f"  | {line}", end="", flush=True)
             result = result_of(line)
             if result is not None:
                 found.append(result)
+        proc.wait()
+    except Stopped as stop:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        cut = f"stopped by {stop} after {round(time.time() - t)} s"
+        if not found:
+            return {"error": cut, "wall_s": round(time.time() - t)}
+        return {**found[-1], "cut": cut, "wall_s": round(time.time() - t)}
+    finally:
+        proc.stdout.close()
     if not found:
         return {"error": f"exit {proc.returncode}", "wall_s": round(time.time() - t)}
     return {**found[-1], "wall_s": round(time.time() - t)}
+
+
+def run_child(mode: str, argv: list[str]) -> dict:
+    """Run one mode in a fresh Python process; its last RESULT line is the answer."""
+    return collect_results([sys.executable, __file__, "--child", mode, *argv])
 
 
 def summarise(results: dict, shape: str, gpu: str, peak: float, earlier: dict | None = None) -> str:
@@ -854,9 +883,13 @@ def main() -> None:
         return
 
     argv = sys.argv[1:]
+    # A chain's `timeout` stops the driver with SIGTERM: it then records what it has and stops.
+    signal.signal(signal.SIGTERM, _stop)
     # Every mode, the build included, in its own process: the driver keeps no CUDA memory.
     built = run_child("build", argv)
     print(f"build: {json.dumps(built)}", flush=True)
+    if built.get("error", "").startswith("stopped by"):
+        return
     gpu = subprocess.run(
         ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
     ).stdout.strip()
@@ -893,6 +926,8 @@ def main() -> None:
         }
         # written after every mode, so a call cut off at its time limit keeps what it measured
         out.write_text(json.dumps({"invocations": [*earlier, record]}, indent=2) + "\n")
+        if "cut" in results[key] or results[key].get("error", "").startswith("stopped by"):
+            break
     print(table, flush=True)
 
 

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from bench.train_speed import make_early_result, result_of, steady, summarise
+import os
+import signal
+import sys
+import threading
+import time
+
+from bench.train_speed import (
+    _stop,
+    collect_results,
+    make_early_result,
+    result_of,
+    steady,
+    summarise,
+)
 
 
 def test_throughput_is_the_timed_steps_mean_and_the_median_and_max_expose_a_stall():
@@ -79,3 +92,35 @@ def test_the_stage_s_timing_is_printed_as_soon_as_the_timed_steps_are_done(capsy
     assert result["checkpointed_layers"] == "32/60"
     assert "after step 3" in result["partial"]
     assert "peak_gib" in result
+
+
+def _child(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_a_child_s_last_result_line_is_its_answer_and_a_child_without_one_is_an_error():
+    two = _child('print("noise"); print("RESULT {\\"n\\": 1}"); print("RESULT {\\"n\\": 2}")')
+    assert collect_results(two)["n"] == 2
+
+    failed = collect_results(_child("import sys; print('boom'); sys.exit(3)"))
+    assert failed["error"] == "exit 3"
+
+
+def test_a_driver_stopped_by_sigterm_keeps_the_timing_printed_before_the_cut_and_stops_the_child():
+    # The child prints its timing, then "saves" for a long time, as the stage does.
+    slow = _child(
+        'import time; print("RESULT {\\"samples_per_s\\": 8.0}", flush=True); time.sleep(60)'
+    )
+    previous = signal.signal(signal.SIGTERM, _stop)
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    started = time.time()
+    timer.start()
+    try:
+        result = collect_results(slow)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+
+    assert result["samples_per_s"] == 8.0
+    assert result["cut"].startswith("stopped by SIGTERM")
+    assert time.time() - started < 30  # the child did not run out its 60 s
