@@ -1,0 +1,169 @@
+"""What CUDA graphs would save on LoRA layers at the training benchmark's batch-4 shape.
+
+At batch 4 the 7B training step is bound by the host, not the GPU. Run 9 found the GPU busy
+for about a fifth of the step, with ~8,000 kernel launches per step, most of them in LoRA
+linear layers (7 per decoder layer, 4 per vision block). CUDA graphs capture a sequence of
+kernels once and replay it with one launch. This script prices that lever on a stack of LoRA
+layers before anyone builds it into the engine.
+
+Setup: --layers PEFT LoRA linear layers (r=16, every one trainable), --width wide, over
+--tokens rows (batch 4 of the 7B benchmark: 4 x 317 tokens). The base layer is bitsandbytes
+4-bit NF4 (CUDA only) or bf16. Forward and backward are timed two ways:
+- eager: as the Trainer runs them;
+- cuda-graph: the same layers through torch.cuda.make_graphed_callables (forward and backward
+  captured once, then replayed).
+
+Each row gives the wall time per iteration as the host sees it (synchronised over --iters
+iterations). A capture that fails (a layer that syncs or allocates outside the graph) is a row
+with its error, which is itself the answer for that base.
+
+    python bench/lora_overhead.py --out $R/lora_overhead.jsonl                    # GPU, ~1 min
+    python bench/lora_overhead.py --device cpu --bases bf16 --layers 4 --width 64 --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def build_stack(layers: int, width: int, rank: int, base: str, device: str):
+    """A stack of `layers` width x width linear layers with LoRA adapters (PEFT), on `device`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(
+                torch.nn.Linear(width, width, bias=False) for _ in range(layers)
+            )
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    stack = Stack().to(torch.bfloat16)
+    for linear in stack.layers:
+        torch.nn.init.normal_(linear.weight, std=width**-0.5)
+    if base == "4bit":
+        import bitsandbytes as bnb
+
+        for i, linear in enumerate(stack.layers):
+            quantized = bnb.nn.Linear4bit(
+                width, width, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+            )
+            quantized.weight = bnb.nn.Params4bit(
+                linear.weight.data, requires_grad=False, quant_type="nf4"
+            )
+            stack.layers[i] = quantized
+    stack = stack.to(device)  # bitsandbytes quantizes on the move to CUDA
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=r"layers\.\d+")
+    return get_peft_model(stack, config).base_model.model  # the stack, LoRA layers injected
+
+
+def wall_ms(step, iters: int, device: str) -> float:
+    """Mean wall time of `step()` over `iters` calls, synchronised at both ends."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    return (time.perf_counter() - start) / iters * 1e3
+
+
+def rows_for(base: str, a: argparse.Namespace) -> list[dict]:
+    """Eager and CUDA-graph rows for one base layer kind."""
+    import torch
+
+    stack = build_stack(a.layers, a.width, a.rank, base, a.device)
+    x = torch.randn(a.tokens, a.width, device=a.device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(a.tokens, a.width, device=a.device, dtype=torch.bfloat16)
+    shape = {"base": base, "layers": a.layers, "width": a.width, "tokens": a.tokens, "rank": a.rank}
+
+    def step(module):
+        def run():
+            module(x).backward(grad)
+
+        return run
+
+    rows = [
+        {**shape, "variant": "eager", "wall_ms": round(wall_ms(step(stack), a.iters, a.device), 3)}
+    ]
+    row = {**shape, "variant": "cuda-graph"}
+    if a.device != "cuda":
+        rows.append({**row, "error": "CUDA graphs need a CUDA device"})
+        return rows
+    try:
+        graphed = torch.cuda.make_graphed_callables(stack, (x,))
+        row["wall_ms"] = round(wall_ms(step(graphed), a.iters, a.device), 3)
+    except Exception as error:  # a failed capture is this row's answer
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    rows.append(row)
+    return rows
+
+
+def measure(a: argparse.Namespace) -> list[dict]:
+    """Every row, for each base in --bases."""
+    import torch
+
+    context = {
+        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    rows = []
+    for base in a.bases.split(","):
+        try:
+            rows += rows_for(base, a)
+        except Exception as error:  # e.g. bitsandbytes without CUDA
+            rows.append(
+                {"base": base, "variant": "eager", "error": f"{type(error).__name__}: {error}"}
+            )
+    return [{**context, **r} for r in rows]
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table, with each graph row's speed-up over the eager row of its base."""
+    eager = {r["base"]: r.get("wall_ms") for r in rows if r["variant"] == "eager"}
+    lines = ["| base | variant | wall ms per fwd+bwd | x eager |", "|---|---|---|---|"]
+    for r in rows:
+        ms = r.get("wall_ms")
+        ratio = f"{eager[r['base']] / ms:.2f}" if ms and eager.get(r["base"]) else "-"
+        lines.append(f"| {r['base']} | {r['variant']} | {ms if ms else r.get('error')} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--bases", default="4bit,bf16", help="comma-separated: 4bit (CUDA), bf16")
+    p.add_argument("--layers", type=int, default=64, help="LoRA layers in the stack")
+    p.add_argument("--width", type=int, default=3584, help="in = out features (7B hidden size)")
+    p.add_argument("--tokens", type=int, default=4 * 317, help="rows: batch 4 of ~317 tokens")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", type=Path, default=None, help="append the rows here as JSON lines")
+    a = p.parse_args(argv)
+    rows = measure(a)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        with a.out.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(table(rows), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
