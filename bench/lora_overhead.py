@@ -24,7 +24,6 @@ with its error, which is itself the answer for that base.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -143,26 +142,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This script's own options (--device and --out come from bench.kernel_rows)."""
     p.add_argument("--bases", default="4bit,bf16", help="comma-separated: 4bit (CUDA), bf16")
     p.add_argument("--layers", type=int, default=64, help="LoRA layers in the stack")
     p.add_argument("--width", type=int, default=3584, help="in = out features (7B hidden size)")
     p.add_argument("--tokens", type=int, default=4 * 317, help="rows: batch 4 of ~317 tokens")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", type=Path, default=None, help="append the rows here as JSON lines")
-    a = p.parse_args(argv)
-    rows = measure(a)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with a.out.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(table(rows), flush=True)
-    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    # Run as a script, bench/ is sys.path[0]; the shared module is imported from the root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.kernel_rows import run_cli
+
+    return run_cli(__doc__, add_arguments, measure, table, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ against bf16: max |difference| / max |bf16 output|.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -246,11 +245,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This script's own options (--device and --out come from bench.kernel_rows)."""
     p.add_argument(
         "--images", type=int, default=512, help="images per batch (inference runs 7-10: 512)"
     )
@@ -263,15 +259,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=None,
         help="torch.compile the float8 scaling, as the model's compiled blocks fuse it (default: on CUDA)",
     )
-    p.add_argument("--out", type=Path, default=None, help="append the rows here as JSON lines")
-    a = p.parse_args(argv)
-    rows = measure(a)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with a.out.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(table(rows), flush=True)
-    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    # Run as a script, bench/ is sys.path[0]; the shared module is imported from the root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.kernel_rows import run_cli
+
+    return run_cli(__doc__, add_arguments, measure, table, argv)
 
 
 if __name__ == "__main__":

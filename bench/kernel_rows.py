@@ -1,0 +1,34 @@
+"""The shared command line of the small pricing benchmarks (lora_overhead.py, vision_kernels.py):
+--device and --out, then measure, append the rows to --out as JSON lines, print the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+
+def run_cli(
+    doc: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    measure: Callable[[argparse.Namespace], list[dict]],
+    table: Callable[[list[dict]], str],
+    argv: list[str] | None = None,
+) -> list[dict]:
+    """Parse `argv` (the script's own options from `add_arguments`, plus --device and --out),
+    run `measure`, append its rows to --out, print `table(rows)`, and return the rows."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--out", type=Path, default=None, help="append the rows here as JSON lines")
+    add_arguments(p)
+    a = p.parse_args(argv)
+    rows = measure(a)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        with a.out.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(table(rows), flush=True)
+    return rows
