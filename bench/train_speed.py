@@ -658,14 +658,15 @@ def mode_stage(a, model_dir: Path) -> dict:
 
             clock, checkpointing = make_clock(), CheckpointingReport(spec.train.checkpoint_scope)
             timed = a.warmup + a.steps
+
+            def timing() -> dict:
+                return steady(clock.times[:timed], a.warmup, a.batch)
+
             # The figure exists once the timed steps are done: printed then (Ray forwards it), it
             # survives a `timeout` that cuts the run later, while it profiles or saves.
-            early = make_early_result(
-                timed, lambda: steady(clock.times[:timed], a.warmup, a.batch), checkpointing
-            )
-            callbacks = [clock, checkpointing, early]
+            callbacks = [clock, checkpointing, make_early_result(timed, timing, checkpointing)]
             # One step of its own after the timed and profiled ones (its warnings slow it).
-            last = a.warmup + a.steps + a.profile_steps
+            last = timed + a.profile_steps
             sync_sites = make_sync_sites(last) if a.sync_sites else None
             if sync_sites:
                 callbacks.append(sync_sites)
@@ -679,12 +680,12 @@ def mode_stage(a, model_dir: Path) -> dict:
             if memory_sites:
                 callbacks.append(memory_sites)
             if a.profile_steps:  # the stage's own profiler (train.profile_steps), after the timing
-                callbacks.append(StepProfiler(store, a.warmup + a.steps, a.profile_steps))
+                callbacks.append(StepProfiler(store, timed, a.profile_steps))
             summary = train_unsloth(
                 spec, store, Path(f"/tmp/bench_stage_work_gpu{gpu}"), None, callbacks
             )
             return {
-                **steady(clock.times[: a.warmup + a.steps], a.warmup, a.batch),
+                **timing(),
                 **(
                     _profile_of(store, out_dir, f"stage_{a.shape}_bs{a.batch}")
                     if a.profile_steps
@@ -739,8 +740,9 @@ def _stop(signum, frame) -> None:
 def collect_results(cmd: list[str]) -> dict:
     """Run `cmd`, echoing its output as it comes (so a cut run shows how far it got); the answer
     is its last RESULT line, or an error. If the driver is stopped (SIGTERM, with _stop installed)
-    the child is stopped too and the last RESULT so far is kept, marked "cut": the stage prints
-    its timing before it saves, so a run cut while saving still has its figure."""
+    the child is stopped too and the answer is marked "cut": the last RESULT so far, or an error
+    if there was none. The stage prints its timing before it saves, so a run cut while saving
+    still has its figure."""
     t = time.time()
     found = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -758,9 +760,8 @@ def collect_results(cmd: list[str]) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
         cut = f"stopped by {stop} after {round(time.time() - t)} s"
-        if not found:
-            return {"error": cut, "wall_s": round(time.time() - t)}
-        return {**found[-1], "cut": cut, "wall_s": round(time.time() - t)}
+        last = found[-1] if found else {"error": "no RESULT line before the cut"}
+        return {**last, "cut": cut, "wall_s": round(time.time() - t)}
     finally:
         proc.stdout.close()
     if not found:
@@ -888,7 +889,7 @@ def main() -> None:
     # Every mode, the build included, in its own process: the driver keeps no CUDA memory.
     built = run_child("build", argv)
     print(f"build: {json.dumps(built)}", flush=True)
-    if built.get("error", "").startswith("stopped by"):
+    if "cut" in built:
         return
     gpu = subprocess.run(
         ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
@@ -926,7 +927,7 @@ def main() -> None:
         }
         # written after every mode, so a call cut off at its time limit keeps what it measured
         out.write_text(json.dumps({"invocations": [*earlier, record]}, indent=2) + "\n")
-        if "cut" in results[key] or results[key].get("error", "").startswith("stopped by"):
+        if "cut" in results[key]:
             break
     print(table, flush=True)
 

@@ -106,21 +106,34 @@ def test_a_child_s_last_result_line_is_its_answer_and_a_child_without_one_is_an_
     assert failed["error"] == "exit 3"
 
 
+def _collect_stopped_after(cmd: list[str], seconds: float) -> dict:
+    """collect_results(cmd) in a driver that SIGTERM reaches after `seconds`, as `timeout` does."""
+    previous = signal.signal(signal.SIGTERM, _stop)
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        return collect_results(cmd)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_driver_stopped_by_sigterm_keeps_the_timing_printed_before_the_cut_and_stops_the_child():
     # The child prints its timing, then "saves" for a long time, as the stage does.
     slow = _child(
         'import time; print("RESULT {\\"samples_per_s\\": 8.0}", flush=True); time.sleep(60)'
     )
-    previous = signal.signal(signal.SIGTERM, _stop)
-    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
     started = time.time()
-    timer.start()
-    try:
-        result = collect_results(slow)
-    finally:
-        timer.cancel()
-        signal.signal(signal.SIGTERM, previous)
+
+    result = _collect_stopped_after(slow, 3.0)
 
     assert result["samples_per_s"] == 8.0
     assert result["cut"].startswith("stopped by SIGTERM")
     assert time.time() - started < 30  # the child did not run out its 60 s
+
+
+def test_a_driver_stopped_before_any_result_says_so_and_is_marked_cut():
+    result = _collect_stopped_after(_child("import time; time.sleep(60)"), 2.0)
+
+    assert result["error"] == "no RESULT line before the cut"
+    assert result["cut"].startswith("stopped by SIGTERM")
