@@ -23,8 +23,9 @@ so every setup generates exactly 32 tokens per image. Images: 448x448 PNGs (256 
 
 BENCH_CACHE=static sets generation.cache_implementation for modes c and s,
 BENCH_COMPILE_VISION=1 sets infer.compile_vision, BENCH_COMPILE_LANGUAGE=1 infer.compile_language,
-and BENCH_FP8=vision|all sets infer.fp8 (mode s then also measures how close the float8 model's
-first-token logits stay to bf16's).
+BENCH_FP8=vision|all sets infer.fp8 (mode s then also measures how close the float8 model's
+first-token logits stay to bf16's), BENCH_FP8_SCALING=row|tensor infer.fp8_scaling, and
+BENCH_VISION_ATTENTION=cudnn infer.vision_attention.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ CACHE = os.environ.get("BENCH_CACHE") or None  # generation.cache_implementation
 COMPILE_VISION = os.environ.get("BENCH_COMPILE_VISION") == "1"  # infer.compile_vision in c and s
 FP8 = os.environ.get("BENCH_FP8") or "off"  # infer.fp8 in c and s
 COMPILE_LANGUAGE = os.environ.get("BENCH_COMPILE_LANGUAGE") == "1"  # infer.compile_language
+FP8_SCALING = os.environ.get("BENCH_FP8_SCALING") or "row"  # infer.fp8_scaling
+VISION_ATTENTION = os.environ.get("BENCH_VISION_ATTENTION") or "auto"  # infer.vision_attention
 
 
 def build_model(shape: str, out: Path) -> Path:
@@ -210,6 +213,8 @@ def bench_spec(run_uri: str, model_dir: Path, engine: str, batch: int) -> dict:
             "compile_vision": COMPILE_VISION,
             "compile_language": COMPILE_LANGUAGE,
             "fp8": FP8,
+            "fp8_scaling": FP8_SCALING,
+            "vision_attention": VISION_ATTENTION,
         },
         "generation": {
             "max_new_tokens": NEW_TOKENS,
@@ -361,7 +366,7 @@ def mode_s(
         for sort in dict.fromkeys([key, "cpu_time_total"]):
             table = events.table(sort_by=sort, row_limit=30)
             tables.append(f"## {what}, batch {bs}, by {sort}\n{table}")
-    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'_cl' if COMPILE_LANGUAGE else ''}_bs{bs}"
+    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'' if FP8_SCALING == 'row' else '-' + FP8_SCALING}{'_cl' if COMPILE_LANGUAGE else ''}{'' if VISION_ATTENTION == 'auto' else '_' + VISION_ATTENTION}_bs{bs}"
     if tables and profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         (profile_dir / f"profile_s_{label}.txt").write_text("\n".join(tables))
@@ -556,6 +561,8 @@ def main() -> None:
         cache=CACHE or "dynamic",
         compile_vision=COMPILE_VISION,
         fp8=FP8,
+        fp8_scaling=FP8_SCALING,
+        vision_attention=VISION_ATTENTION,
         compile_language=COMPILE_LANGUAGE,
         shape=a.shape,
         size=a.size,

@@ -16,6 +16,9 @@ built into the model:
              - fp8-dynamic-rowwise: what infer.fp8 does now (per-row amax, scale, cast, then a
                scaled GEMM with per-channel weight scales), compiled so that Inductor fuses
                the scaling, as it does in the model;
+             - fp8-dynamic-tensorwise: infer.fp8_scaling: tensor, one scale per activation
+               tensor computed at run time (an amax over the whole tensor, then scale and cast)
+               and one per weight, then a tensor-scaled GEMM;
              - fp8-static-tensorwise: scales calibrated once (one for the activation, one for
                the weight), so scaling is only a multiply and cast, then a scaled GEMM;
              - fp8-static-rowwise-gemm: the static activation scale handed to the per-row GEMM,
@@ -137,6 +140,14 @@ def quantize_rowwise(x):
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
+def quantize_tensorwise(x):
+    """Per-tensor float8 scaling at run time (infer.fp8_scaling: tensor): one amax, one scale."""
+    import torch
+
+    scale = x.float().abs().amax().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
 def quantize_static(x, inverse_scale):
     """Float8 with a scale fixed beforehand: a multiply, a clamp and a cast."""
     import torch
@@ -157,6 +168,7 @@ def linear_rows(name: str, tokens: int, device: str, time_it, compile_scaling: b
 
     rowwise = torch.compile(quantize_rowwise) if compile_scaling else quantize_rowwise
     static = torch.compile(quantize_static) if compile_scaling else quantize_static
+    tensorwise = torch.compile(quantize_tensorwise) if compile_scaling else quantize_tensorwise
     # The weight is quantized once, as at load: per output channel, and per tensor.
     w_q, w_scale = quantize_rowwise(w)
     w_t_scale = w.float().abs().max() / FP8_MAX
@@ -173,6 +185,12 @@ def linear_rows(name: str, tokens: int, device: str, time_it, compile_scaling: b
         xq, scale = rowwise(x)
         return torch._scaled_mm(
             xq, w_q.t(), scale_a=scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16
+        )
+
+    def fp8_dynamic_tensorwise():
+        xq, scale = tensorwise(x)
+        return torch._scaled_mm(
+            xq, w_t.t(), scale_a=scale, scale_b=w_t_scale, out_dtype=torch.bfloat16
         )
 
     def fp8_static_tensorwise():
@@ -192,9 +210,11 @@ def linear_rows(name: str, tokens: int, device: str, time_it, compile_scaling: b
     for variant, fn, gemm in (
         ("bf16", bf16, True),
         ("fp8-dynamic-rowwise", fp8_dynamic, True),
+        ("fp8-dynamic-tensorwise", fp8_dynamic_tensorwise, True),
         ("fp8-static-tensorwise", fp8_static_tensorwise, True),
         ("fp8-static-rowwise-gemm", fp8_static_rowwise_gemm, True),
         ("scaling-only-dynamic-rowwise", lambda: rowwise(x), False),
+        ("scaling-only-dynamic-tensorwise", lambda: tensorwise(x), False),
         ("scaling-only-static", lambda: static(x, a_inverse), False),
     ):
         row = {"kernel": name, "variant": variant, "shape": shape}

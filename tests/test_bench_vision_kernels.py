@@ -20,7 +20,12 @@ def test_every_variant_computes_what_bf16_does_and_a_backend_that_cannot_run_is_
     by = {(r["kernel"], r["variant"]): r for r in rows}
     for name in LINEARS:
         assert by[(name, "bf16")]["rel_err"] == 0.0
-        for variant in ("fp8-dynamic-rowwise", "fp8-static-tensorwise", "fp8-static-rowwise-gemm"):
+        for variant in (
+            "fp8-dynamic-rowwise",
+            "fp8-dynamic-tensorwise",
+            "fp8-static-tensorwise",
+            "fp8-static-rowwise-gemm",
+        ):
             err = by[(name, variant)]["rel_err"]
             assert 0.0 < err < 0.1, (name, variant, err)  # really float8, and close to bf16
         assert by[(name, "scaling-only-static")]["ms"] > 0

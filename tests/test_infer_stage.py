@@ -170,7 +170,9 @@ def test_any_image_folder_is_captioned_and_each_unreadable_file_is_an_error_reco
     assert manifest["input_quarantined"] == 2
 
 
-def test_float8_weights_make_other_predictions_but_batch_size_and_compilation_do_not(tmp_path):
+def test_float8_weights_and_other_kernels_make_other_predictions_but_batch_size_and_compilation_do_not(
+    tmp_path,
+):
     from vlm_ray.infer.loading import ModelRef
     from vlm_ray.stages.infer import predictions_fingerprint
 
@@ -187,6 +189,13 @@ def test_float8_weights_make_other_predictions_but_batch_size_and_compilation_do
     assert (
         len({plain, fingerprint(infer={"fp8": "vision"}), fingerprint(infer={"fp8": "all"})}) == 3
     )
+    # Per-tensor float8 scales and cuDNN's attention kernel round differently; the defaults
+    # keep the fingerprints that folders written before these settings existed carry.
+    assert fingerprint(infer={"fp8_scaling": "tensor"}) == plain, "no float8: nothing scaled"
+    assert fingerprint(infer={"fp8": "vision", "fp8_scaling": "tensor"}) != fingerprint(
+        infer={"fp8": "vision"}
+    )
+    assert fingerprint(infer={"vision_attention": "cudnn"}) != plain
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks clusters without GPUs")

@@ -86,6 +86,58 @@ def test_packed_attention_trains_like_transformers_sdpa(new_tiny_generator_model
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_cudnn_preference_reaches_the_vision_attention_and_not_the_language_model(
+    model_and_processor, monkeypatch
+):
+    """infer.vision_attention: cudnn turns cuDNN's SDPA backend on inside the vision tower's
+    attention calls only: the loader turns it off process-wide for decoding (a graph per length)."""
+    model, processor = model_and_processor
+    images = [_image(i, 56, 56) for i in range(3)]
+    messages = [prompt_messages({"prompt": PROMPT, "messages": None})] * len(images)
+    batch = prepare_inputs(processor, images, messages)
+    assert packed.enable_packed_vision_attention(model)
+    with torch.no_grad():
+        expected = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+
+    cudnn_on = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        cudnn_on.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as load_for_inference does on CUDA
+    try:
+        assert packed.prefer_cudnn_vision_attention(model) == len(model.model.visual.blocks)
+        with torch.no_grad():
+            got = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        vision_calls, cudnn_on[:] = list(cudnn_on), []
+        assert not torch.backends.cuda.cudnn_sdp_enabled(), "each call restores the setting"
+        with torch.no_grad():
+            model.model.language_model(input_ids=batch["input_ids"][:, :8])
+        language_calls = list(cudnn_on)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+        for block in model.model.visual.blocks:
+            delattr(block.attn, packed.SDPA_BACKENDS_ATTR)
+        model.set_attn_implementation({"vision_config": "sdpa"})
+
+    assert vision_calls and all(vision_calls)
+    assert language_calls and not any(language_calls)
+    # No cuDNN on CPU: torch falls back down the list, to the same kernel as before.
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=0, atol=0)
+
+
+def test_cudnn_preference_needs_the_batched_vision_attention(tiny_qwen2_vl):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, attn_implementation="eager")
+    assert packed.prefer_cudnn_vision_attention(model) == 0
+    assert not any(hasattr(b.attn, packed.SDPA_BACKENDS_ATTR) for b in model.model.visual.blocks)
+
+
 @pytest.mark.parametrize(
     ("sub_config", "enable"),
     [

@@ -458,6 +458,26 @@ class InferSpec(_Section):
             "140.2 images/s at batch 512 on an H200; its first batch compiled in 37 s."
         ),
     )
+    fp8_scaling: Literal["row", "tensor"] = Field(
+        "row",
+        description=(
+            "With infer.fp8: how activations are scaled to float8 at run time: 'row' one scale "
+            "per token (torchao PerRow, weights per output channel), 'tensor' one scale per "
+            "tensor (PerTensor, for weights too): a cheaper scaling pass and GEMM, a coarser "
+            "scale. Kernel timings at the 2B vision shape are in docs/benchmarks.md."
+        ),
+    )
+    vision_attention: Literal["auto", "cudnn"] = Field(
+        "auto",
+        description=(
+            "SDPA backend of the vision tower's attention (CUDA, Qwen2-VL-style towers of "
+            "same-size images): 'auto' lets torch choose (flash attention), 'cudnn' tries "
+            "cuDNN's kernel first. The language model's attention is not affected (cuDNN stays "
+            "off there: it rebuilds a graph per decode length). At head size 80, 512 images of "
+            "1,024 patches, an H200 ran one attention call in 6.66 ms with cuDNN against 10.79 "
+            "with flash (bench/vision_kernels.py, 2026-12-04)."
+        ),
+    )
     image_column: str | None = Field(
         None,
         description="Image column of infer.source (default: data.image_column; image folders need none).",

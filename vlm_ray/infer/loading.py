@@ -22,7 +22,10 @@ from vlm_ray.models.compiled_language import compile_language_modules
 from vlm_ray.models.compiled_vision import compile_vision_blocks
 from vlm_ray.models.fp8_linear import check_fp8_device, quantize_linears_to_fp8
 from vlm_ray.models.gqa_decode_attention import enable_gqa_decode_attention
-from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
+from vlm_ray.models.packed_vision_attention import (
+    enable_packed_vision_attention,
+    prefer_cudnn_vision_attention,
+)
 from vlm_ray.models.patch_embed_matmul import run_patch_embeddings_as_matmul
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
@@ -129,14 +132,21 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
         model, processor = _load_hf(spec, model_path, adapter_path, processor_path)
     if enable_packed_vision_attention(model):
         why += "; vision attention batched per layer"
+        if spec.infer.vision_attention == "cudnn" and prefer_cudnn_vision_attention(model):
+            why += " (cuDNN first)"
+    elif spec.infer.vision_attention == "cudnn":
+        log.warning(
+            "infer.vision_attention=cudnn: this model's vision tower does not use the batched "
+            "SDPA path (Qwen2-VL-style towers on SDPA only); its attention is left as it is"
+        )
     if run_patch_embeddings_as_matmul(model):
         why += "; patch embedding as a matmul"
     if enable_gqa_decode_attention(model):
         why += "; decoding attention per KV head"
     if enable_batched_rope_index(model):
         why += "; rope position ids per batch"
-    if fp8 != "off" and quantize_linears_to_fp8(model, fp8):
-        why += f"; float8 linear layers ({fp8})"
+    if fp8 != "off" and quantize_linears_to_fp8(model, fp8, spec.infer.fp8_scaling):
+        why += f"; float8 linear layers ({fp8}, per-{spec.infer.fp8_scaling} scales)"
     if spec.infer.compile_vision and compile_vision_blocks(model):
         why += "; vision blocks compiled"
     if spec.infer.compile_language and compile_language_modules(model):

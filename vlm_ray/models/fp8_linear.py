@@ -26,6 +26,7 @@ from vlm_ray.models.submodules import unwrapped
 log = logging.getLogger(__name__)
 
 Fp8Scope = Literal["vision", "all"]
+Fp8Scaling = Literal["row", "tensor"]
 # float8 GEMMs (torch._scaled_mm) need both matrix dimensions divisible by 16.
 _ALIGN = 16
 
@@ -71,14 +72,20 @@ def check_fp8_device(scope: str) -> None:
         )
 
 
-def quantize_linears_to_fp8(model: Any, scope: Fp8Scope) -> int:
+def quantize_linears_to_fp8(model: Any, scope: Fp8Scope, scaling: Fp8Scaling = "row") -> int:
     """Quantize the layers fp8_target_linears names to float8 in place; returns how many.
 
-    Call after any adapter is merged (a LoRA layer is not an nn.Linear to torchao) and before the
+    `scaling` (infer.fp8_scaling): "row", one scale per token of an activation and per output
+    channel of a weight; "tensor", one scale per tensor for both. Call after any adapter is merged (a LoRA layer is not an nn.Linear to torchao) and before the
     vision blocks are compiled (so that compilation sees the float8 weights).
     """
     check_fp8_device(scope)
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        PerRow,
+        PerTensor,
+        quantize_,
+    )
 
     base = unwrapped(model)
     names = set(fp8_target_linears(base, scope))
@@ -90,10 +97,15 @@ def quantize_linears_to_fp8(model: Any, scope: Fp8Scope) -> int:
         # set_inductor_config (torchao's default: on) turns on Inductor's coordinate-descent
         # tuning in all directions for the whole process: measured on an H200 it spent 170 of
         # the 200 s first generate at batch 512 tuning kernels (inference run 6).
-        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+        Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow() if scaling == "row" else PerTensor(), set_inductor_config=False
+        ),
         filter_fn=lambda module, fqn: fqn in names,
     )
     log.info(
-        "infer.fp8=%s: %d linear layers quantized to float8 (per-row scales)", scope, len(names)
+        "infer.fp8=%s: %d linear layers quantized to float8 (per-%s scales)",
+        scope,
+        len(names),
+        scaling,
     )
     return len(names)

@@ -19,13 +19,17 @@ as transformers does.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any
 
+from vlm_ray.models.compiled_vision import vision_blocks
 from vlm_ray.models.submodules import unwrapped
 
 log = logging.getLogger(__name__)
 
 NAME = "vlm_ray_flash_packed_sdpa"
+# Set on a vision attention module: the SDPA backends its calls try, in this order.
+SDPA_BACKENDS_ATTR = "_vlm_ray_sdpa_backends"
 # Vision towers whose attention takes the packed cu_seqlens path.
 PACKED_VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -44,6 +48,33 @@ def packed_sdpa_attention(
     **kwargs: Any,
 ) -> tuple[Any, None]:
     """Attention over packed segments ([1, heads, total, dim], boundaries in cu_seq_lens_q)."""
+    with _backends_of(module):
+        return _packed_sdpa(
+            query, key, value, scaling, dropout, is_causal, cu_seq_lens_q, max_length_q
+        )
+
+
+def _backends_of(module: Any) -> Any:
+    """The SDPA backend context prefer_cudnn_vision_attention set on `module` (none: torch's choice)."""
+    backends = getattr(module, SDPA_BACKENDS_ATTR, None)
+    if backends is None:
+        return nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    # Scoped to this call: the language model's attention keeps the process-wide choice.
+    return sdpa_kernel(list(backends), set_priority=True)
+
+
+def _packed_sdpa(
+    query: Any,
+    key: Any,
+    value: Any,
+    scaling: float | None,
+    dropout: float,
+    is_causal: bool,
+    cu_seq_lens_q: Any,
+    max_length_q: int | None,
+) -> tuple[Any, None]:
     import torch
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -89,3 +120,30 @@ def enable_packed_vision_attention(model: Any) -> bool:
     base.set_attn_implementation({"vision_config": NAME})
     log.info("vision tower attention: one batched SDPA call per layer for same-size images")
     return True
+
+
+def prefer_cudnn_vision_attention(model: Any) -> int:
+    """Make the packed vision attention of `model` try cuDNN's SDPA kernel first (infer.vision_attention).
+
+    Returns how many attention modules now do (0 when the model's vision tower does not use
+    packed_sdpa_attention: enable_packed_vision_attention first). cuDNN's kernel, where it cannot
+    take a call, falls back to flash, memory-efficient, then math attention, as torch would.
+    """
+    from torch.nn.attention import SDPBackend
+
+    base = unwrapped(model)
+    vision = getattr(getattr(base, "config", None), "vision_config", None)
+    if getattr(vision, "_attn_implementation", None) != NAME:
+        return 0
+    order = (
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    )
+    modules = [block.attn for block in vision_blocks(base) if hasattr(block, "attn")]
+    for attn in modules:
+        setattr(attn, SDPA_BACKENDS_ATTR, order)
+    if modules:
+        log.info("vision tower attention: cuDNN's SDPA kernel first in %d layers", len(modules))
+    return len(modules)

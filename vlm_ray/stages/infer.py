@@ -95,6 +95,11 @@ def predictions_fingerprint(spec: JobSpec, ref: ModelRef, prefix: str) -> str:
     if spec.infer.fp8 != "off":
         # float8 weights are other weights. Only when set, so bf16 folders keep their fingerprint.
         key["fp8"] = spec.infer.fp8
+        if spec.infer.fp8_scaling != "row":
+            key["fp8_scaling"] = spec.infer.fp8_scaling
+    if spec.infer.vision_attention != "auto":
+        # Another kernel rounds differently: outputs may differ in a token or two.
+        key["vision_attention"] = spec.infer.vision_attention
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
