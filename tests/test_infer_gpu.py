@@ -65,12 +65,22 @@ def test_unsloth_engine_merges_a_16bit_adapter_and_predicts_what_peft_predicts(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("scope", "compile_vision", "compile_language"),
-    [("vision", False, False), ("all", True, False), ("all", True, True)],
-    ids=["vision", "all+compiled vision", "all+compiled vision and language"],
+    ("scope", "compile_vision", "compile_language", "scaling", "vision_attention"),
+    [
+        ("vision", False, False, "row", "auto"),
+        ("all", True, False, "row", "auto"),
+        ("all", True, True, "row", "auto"),
+        ("vision", True, False, "tensor", "cudnn"),
+    ],
+    ids=[
+        "vision",
+        "all+compiled vision",
+        "all+compiled vision and language",
+        "vision per-tensor+compiled vision on cuDNN attention",
+    ],
 )
 def test_fp8_layers_run_in_float8_and_stay_close_to_bf16(
-    scope, compile_vision, compile_language, tiny_qwen2_vl, tmp_path
+    scope, compile_vision, compile_language, scaling, vision_attention, tiny_qwen2_vl, tmp_path
 ):
     pytest.importorskip("torchao")
     import torch
@@ -92,6 +102,8 @@ def test_fp8_layers_run_in_float8_and_stay_close_to_bf16(
             "fp8": scope,
             "compile_vision": compile_vision,
             "compile_language": compile_language,
+            "fp8_scaling": scaling,
+            "vision_attention": vision_attention,
         },
     )
     model, processor, note = load_for_inference(spec, resolve_model_ref(spec, "base"))
@@ -99,7 +111,8 @@ def test_fp8_layers_run_in_float8_and_stay_close_to_bf16(
     assert inductor_config.coordinate_descent_tuning is False
     reference = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16)
     reference = reference.to("cuda").eval()
-    assert f"float8 linear layers ({scope})" in note
+    assert f"float8 linear layers ({scope}, per-{scaling} scales)" in note
+    assert ("(cuDNN first)" in note) == (vision_attention == "cudnn")
     in_float8 = {
         name
         for name, module in model.named_modules()
