@@ -24,6 +24,8 @@ _OPERATIONAL = {
     # which activations are recomputed in backward, not what is computed; a resume may switch them
     "train.checkpoint_every_n_layers",
     "train.checkpoint_scope",
+    # how the same layers' kernels are launched (replayed CUDA graphs or one by one), not what they compute
+    "train.cuda_graphs",
     "model.name",  # the same model may be reached by another path or URI; the data digest and knobs decide
 }
 

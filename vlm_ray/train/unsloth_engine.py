@@ -29,6 +29,7 @@ from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.compiled_vision import compile_vision_blocks
 from vlm_ray.models.families import Family, family_of
 from vlm_ray.models.fused_lora_mlp import enable_fused_lora_mlp
+from vlm_ray.models.graphed_decoder_layers import enable_graphed_decoder_layers
 from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
@@ -100,6 +101,9 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
         # Unsloth's own fused LoRA MLP, which FastVisionModel leaves out: two wide activations
         # per token kept instead of three, fewer kernels (docs/benchmarks.md, run 11).
         enable_fused_lora_mlp(model, recompute=spec.train.recompute_mlp)
+    if spec.train.cuda_graphs:
+        # The batch-4 step is host-bound: one graph launch per layer instead of its many kernels.
+        enable_graphed_decoder_layers(model)
     if spec.train.compile_vision:
         # After every module swap above: the compiled graphs trace what the blocks are now.
         compile_vision_blocks(model)
