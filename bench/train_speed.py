@@ -649,8 +649,16 @@ def mode_stage(a, model_dir: Path) -> dict:
     @ray.remote(num_gpus=1)
     class Trainer:
         def train(self) -> dict:
+            import logging
+
             import torch
             import unsloth  # noqa: F401  (first)
+
+            # As the train stage's actor does: the project's INFO lines (which levers are on,
+            # what train.cuda_graphs captured) reach the log; run 19 had none of them.
+            logging.basicConfig(
+                level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
 
             from vlm_ray.train.activation_checkpointing import CheckpointingReport
             from vlm_ray.train.step_profiler import StepProfiler
