@@ -337,12 +337,13 @@ class TrainSpec(_Section):
     cuda_graphs: bool = Field(
         False,
         description=(
-            "Unsloth engine, CUDA only; experimental: not yet measured at a real shape. Replay "
-            "each language decoder layer's forward and backward as CUDA graphs (captured on the "
-            "first step with each batch shape), so one launch replaces its Python-dispatched "
-            "kernels: the batch-4 step is bound by host time. A stack of 64 LoRA layers at the 7B "
-            "width took 20.6 ms per forward+backward as a graph against 66.0 eager (4-bit, H200, "
-            "bench/lora_overhead.py). Layers under activation checkpointing are left eager "
+            "Unsloth engine, CUDA only; experimental. Replay each language decoder layer's "
+            "forward and backward as CUDA graphs (captured on the first step with each batch "
+            "shape), so one launch replaces its Python-dispatched kernels: the batch-4 step is "
+            "bound by host time. 7B, batch 4, padded to 64 (H200, docs/benchmarks.md run 19): "
+            "10.04 samples/s at 11.13 GiB against 7.66 at 10.25 without, in one hold, but the "
+            "no-graph setup ranged 7.66-10.67 over three runs, so the gain is not yet "
+            "established. Layers under activation checkpointing are left eager "
             "(train.checkpoint_scope: vision keeps them out). Each padded length holds its own "
             "graphs in GPU memory: set train.pad_to_multiple_of."
         ),
@@ -477,7 +478,8 @@ class InferSpec(_Section):
             "With infer.fp8: how activations are scaled to float8 at run time: 'row' one scale "
             "per token (torchao PerRow, weights per output channel), 'tensor' one scale per "
             "tensor (PerTensor, for weights too): a cheaper scaling pass and GEMM, a coarser "
-            "scale. Kernel timings at the 2B vision shape are in docs/benchmarks.md."
+            "scale. Not yet measured in the pool; kernel timings at the 2B vision shape are in "
+            "docs/benchmarks.md (inference run 11)."
         ),
     )
     vision_attention: Literal["auto", "cudnn"] = Field(
