@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from vlm_ray.models.graphed_decoder_layers import enable_graphed_decoder_layers, graphed_forwards
+
 pytestmark = pytest.mark.gpu
 
 LOGGER = "vlm_ray.models.graphed_decoder_layers"
@@ -99,11 +101,6 @@ def test_graphed_layers_train_like_eager_with_peft_lora(
 ) -> None:
     import torch
 
-    from vlm_ray.models.graphed_decoder_layers import (
-        enable_graphed_decoder_layers,
-        graphed_forwards,
-    )
-
     model = _peft_model(tiny_qwen2_vl)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     batches = _text_micro_batches()
@@ -128,11 +125,6 @@ def test_graphed_layers_train_like_eager_with_peft_lora(
 def test_layers_under_activation_checkpointing_stay_eager(
     tiny_qwen2_vl: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from vlm_ray.models.graphed_decoder_layers import (
-        enable_graphed_decoder_layers,
-        graphed_forwards,
-    )
-
     model = _peft_model(tiny_qwen2_vl)
     # non-reentrant: the loss needs no input that requires grad (text only, all layers checkpointed)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -150,11 +142,6 @@ def test_a_layer_whose_capture_fails_runs_eager_with_one_warning(
 ) -> None:
     """A host sync (.item()) cannot be captured: that layer stays eager, the next one is graphed."""
     import torch
-
-    from vlm_ray.models.graphed_decoder_layers import (
-        enable_graphed_decoder_layers,
-        graphed_forwards,
-    )
 
     class SyncingLayer(torch.nn.Module):
         def __init__(self) -> None:
@@ -237,7 +224,6 @@ def test_unsloth_engine_with_cuda_graphs_trains_like_eager(
     fused LoRA MLP keeping only its input, the vision tower checkpointed as
     train.checkpoint_scope: vision leaves it when training begins), against the same spec
     without it."""
-    from vlm_ray.models.graphed_decoder_layers import graphed_forwards
     from vlm_ray.train.activation_checkpointing import checkpointed_layers, limit_checkpointing
     from vlm_ray.train.unsloth_engine import load_unsloth_model
 
