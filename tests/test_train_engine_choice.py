@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from vlm_ray.config import parse_spec
-from vlm_ray.train.engine import EngineUnavailableError, choose_engine
+from vlm_ray.train.engine import (
+    EngineUnavailableError,
+    choose_engine,
+    unsloth_only_settings_changed,
+)
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only choice")
 
@@ -69,3 +73,27 @@ def test_infer_engine_overrides_train_engine_for_inference_and_is_named_in_error
         choose_engine(spec("unsloth"), "infer")
     with pytest.raises(EngineUnavailableError, match=r"train\.engine=unsloth needs a CUDA GPU"):
         choose_engine(spec("hf"))  # training still follows train.engine
+
+
+def test_unsloth_only_settings_moved_off_their_defaults_are_named_for_the_other_engine():
+    """The train stage warns with these when it trains with transformers+PEFT instead."""
+    assert unsloth_only_settings_changed(_spec("auto")) == []
+    spec = parse_spec(
+        {
+            "run": {"uri": "unused"},
+            "model": {"name": "unused"},
+            "data": {"source": "unused"},
+            "train": {
+                "compile_vision": True,
+                "cuda_graphs": True,
+                "checkpoint_scope": "vision",
+                "fused_lora_mlp": True,  # its default: nothing to say
+            },
+        }
+    )
+    assert unsloth_only_settings_changed(spec) == ["train.compile_vision", "train.cuda_graphs"]
+    # What the train actor receives: the whole spec as data, every field present.
+    from vlm_ray.config import spec_to_dict
+
+    again = parse_spec(spec_to_dict(spec))
+    assert unsloth_only_settings_changed(again) == ["train.compile_vision", "train.cuda_graphs"]

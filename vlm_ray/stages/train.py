@@ -50,11 +50,18 @@ def train_in_this_process(spec: JobSpec, store: Store) -> dict[str, Any]:
     """Resume from the newest checkpoint (if any), train with the chosen engine, write model_info.json."""
     from vlm_ray.train.activation_checkpointing import CheckpointingReport
     from vlm_ray.train.checkpoints import CheckpointSync, download_latest_checkpoint
-    from vlm_ray.train.engine import choose_engine
+    from vlm_ray.train.engine import choose_engine, unsloth_only_settings_changed
     from vlm_ray.train.metrics_log import MetricsLog
 
     engine, reason = choose_engine(spec)
     log.info("train: engine %s (%s)", engine, reason)
+    ignored = unsloth_only_settings_changed(spec) if engine != "unsloth" else []
+    if ignored:
+        log.warning(
+            "train: %s only apply to the Unsloth engine; this %s run trains without them",
+            ", ".join(ignored),
+            engine,
+        )
     # A fresh folder per attempt: a killed attempt's half-written local checkpoints are not reused.
     workdir = _node_workdir(spec) / f"attempt-{os.getpid()}"
     shutil.rmtree(workdir, ignore_errors=True)

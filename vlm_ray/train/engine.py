@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from vlm_ray.config import JobSpec
+from vlm_ray.config import JobSpec, TrainSpec
+
+# train.* settings that only the Unsloth engine reads (the transformers+PEFT engine trains without them).
+UNSLOTH_ONLY_SETTINGS = (
+    "fused_lora_mlp",
+    "recompute_mlp",
+    "compile_vision",
+    "cuda_graphs",
+    "loss_chunks",
+)
 
 
 class EngineUnavailableError(RuntimeError):
@@ -50,3 +59,16 @@ def choose_engine(spec: JobSpec, stage: Literal["train", "infer"] = "train") -> 
     if not ok:
         return "hf", f"{field}=auto on {gpu}, but {why}: transformers+PEFT"
     return "unsloth", f"{field}=auto and a CUDA GPU ({gpu}) with unsloth installed"
+
+
+def unsloth_only_settings_changed(spec: JobSpec) -> list[str]:
+    """The Unsloth-only train settings this spec moves off their defaults, as dotted keys.
+
+    Compared with the defaults, not with what the spec file set: Ray actors receive the whole
+    spec as data, where every field looks set.
+    """
+    return [
+        f"train.{name}"
+        for name in UNSLOTH_ONLY_SETTINGS
+        if getattr(spec.train, name) != TrainSpec.model_fields[name].default
+    ]
