@@ -37,6 +37,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -328,15 +329,12 @@ def steady(times: list[float], warmup: int, batch: int) -> dict:
     timed = times[warmup:]
     if not timed:
         return {"error": f"only {len(times)} steps ran, {warmup} were warm-up"}
-    mean = sum(timed) / len(timed)
-    ordered = sorted(timed)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    mean = statistics.mean(timed)
     return {
         "samples_per_s": round(batch / mean, 3),
         "step_ms": round(mean * 1e3, 1),
-        "median_step_ms": round(median * 1e3, 1),
-        "max_step_ms": round(ordered[-1] * 1e3, 1),
+        "median_step_ms": round(statistics.median(timed) * 1e3, 1),
+        "max_step_ms": round(max(timed) * 1e3, 1),
         "timed_steps": len(timed),
         "first_step_s": round(times[0], 1),
     }

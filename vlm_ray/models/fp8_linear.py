@@ -76,8 +76,10 @@ def quantize_linears_to_fp8(model: Any, scope: Fp8Scope, scaling: Fp8Scaling = "
     """Quantize the layers fp8_target_linears names to float8 in place; returns how many.
 
     `scaling` (infer.fp8_scaling): "row", one scale per token of an activation and per output
-    channel of a weight; "tensor", one scale per tensor for both. Call after any adapter is merged (a LoRA layer is not an nn.Linear to torchao) and before the
-    vision blocks are compiled (so that compilation sees the float8 weights).
+    channel of a weight; "tensor", one scale per tensor for both.
+
+    Call after any adapter is merged (a LoRA layer is not an nn.Linear to torchao) and before
+    the vision blocks are compiled (so that compilation sees the float8 weights).
     """
     check_fp8_device(scope)
     from torchao.quantization import (

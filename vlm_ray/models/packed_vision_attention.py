@@ -48,10 +48,28 @@ def packed_sdpa_attention(
     **kwargs: Any,
 ) -> tuple[Any, None]:
     """Attention over packed segments ([1, heads, total, dim], boundaries in cu_seq_lens_q)."""
+    import torch
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
     with _backends_of(module):
-        return _packed_sdpa(
-            query, key, value, scaling, dropout, is_causal, cu_seq_lens_q, max_length_q
-        )
+        _, heads, total, dim = query.shape
+        segments = int(cu_seq_lens_q.shape[0]) - 1
+        if max_length_q is not None and segments * int(max_length_q) == total:
+            # Every segment is max_length_q long (they sum to total and none is longer): a batch.
+            length = int(max_length_q)
+            q, k, v = (
+                t[0].view(heads, segments, length, dim).transpose(0, 1) for t in (query, key, value)
+            )
+            out = sdpa(q, k, v, dropout_p=dropout, scale=scaling, is_causal=is_causal)
+            return out.transpose(1, 2).reshape(1, total, heads, dim), None
+        lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+        outs = [
+            sdpa(q, k, v, dropout_p=dropout, scale=scaling, is_causal=is_causal).transpose(1, 2)
+            for q, k, v in zip(
+                *(torch.split(t, lengths, dim=2) for t in (query, key, value)), strict=True
+            )
+        ]
+        return torch.cat(outs, dim=1), None
 
 
 def _backends_of(module: Any) -> Any:
@@ -63,39 +81,6 @@ def _backends_of(module: Any) -> Any:
 
     # Scoped to this call: the language model's attention keeps the process-wide choice.
     return sdpa_kernel(list(backends), set_priority=True)
-
-
-def _packed_sdpa(
-    query: Any,
-    key: Any,
-    value: Any,
-    scaling: float | None,
-    dropout: float,
-    is_causal: bool,
-    cu_seq_lens_q: Any,
-    max_length_q: int | None,
-) -> tuple[Any, None]:
-    import torch
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
-
-    _, heads, total, dim = query.shape
-    segments = int(cu_seq_lens_q.shape[0]) - 1
-    if max_length_q is not None and segments * int(max_length_q) == total:
-        # Every segment is max_length_q long (they sum to total and none is longer): a batch.
-        length = int(max_length_q)
-        q, k, v = (
-            t[0].view(heads, segments, length, dim).transpose(0, 1) for t in (query, key, value)
-        )
-        out = sdpa(q, k, v, dropout_p=dropout, scale=scaling, is_causal=is_causal)
-        return out.transpose(1, 2).reshape(1, total, heads, dim), None
-    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
-    outs = [
-        sdpa(q, k, v, dropout_p=dropout, scale=scaling, is_causal=is_causal).transpose(1, 2)
-        for q, k, v in zip(
-            *(torch.split(t, lengths, dim=2) for t in (query, key, value)), strict=True
-        )
-    ]
-    return torch.cat(outs, dim=1), None
 
 
 def enable_packed_vision_attention(model: Any) -> bool:
