@@ -90,6 +90,27 @@ def tiny_qwen2_vl(models_dir: Path) -> Path:
     return build_tiny_model(models_dir / "qwen2_vl", family="qwen2_vl", size="tiny")
 
 
+@pytest.fixture(scope="session")
+def untied_qwen2_vl(tiny_qwen2_vl: Path, models_dir: Path) -> Path:
+    """The tiny Qwen2-VL with lm_head untied from the input embedding (as at 7B): a table that
+    can move. The tiny one ties them, as Qwen2-VL-2B does."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = models_dir / "qwen2_vl_untied"
+    if (out / "config.json").exists():
+        return out
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl)
+    model.config.tie_word_embeddings = False
+    model.config.get_text_config().tie_word_embeddings = False
+    generator = torch.Generator().manual_seed(1)
+    head = torch.randn(model.lm_head.weight.shape, generator=generator) * 0.02
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(tiny_qwen2_vl).save_pretrained(out)
+    return out
+
+
 def _with_large_random_weights(path: Path):
     """The tiny Qwen2-VL at `path` with larger random weights (seed 0), in eval mode.
 

@@ -21,6 +21,11 @@ import torch
 from vlm_ray.config import JobSpec, LoraSpec
 from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.families import Family, family_of
+from vlm_ray.models.host_input_embedding import (
+    host_embedding_counts,
+    move_input_embedding_to_host,
+    with_host_embedding_lookup,
+)
 from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
@@ -164,6 +169,7 @@ def train_hf(
         "full fine-tuning" if spec.model.full_finetuning else f"LoRA r={spec.lora.r}",
         store.uri,
     )
+    host = move_input_embedding_to_host(model) if spec.train.host_input_embedding else None
     dataset = PreparedShardsDataset(store, "train", workdir.parent / "shards")
     collator = VisionSFTCollator(
         processor,
@@ -185,6 +191,7 @@ def train_hf(
         processing_class=processor,
         callbacks=list(callbacks),
     )
+    with_host_embedding_lookup(trainer, host)
     # MetricsLog prints the progress line; the Trainer's own dict printer would repeat it.
     trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -203,6 +210,7 @@ def train_hf(
         "total_params": total,
         "rows": len(dataset),
         "resumed_from": resume_from,
+        **host_embedding_counts(host),
         **outputs,
     }
     log.info(

@@ -26,6 +26,8 @@ _OPERATIONAL = {
     "train.checkpoint_scope",
     # how the same layers' kernels are launched (replayed CUDA graphs or one by one), not what they compute
     "train.cuda_graphs",
+    # where the frozen input embedding's rows are looked up, not what they are
+    "train.host_input_embedding",
     "model.name",  # the same model may be reached by another path or URI; the data digest and knobs decide
 }
 

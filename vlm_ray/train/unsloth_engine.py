@@ -30,6 +30,11 @@ from vlm_ray.models.compiled_vision import compile_vision_blocks
 from vlm_ray.models.families import Family, family_of
 from vlm_ray.models.fused_lora_mlp import enable_fused_lora_mlp
 from vlm_ray.models.graphed_decoder_layers import enable_graphed_decoder_layers
+from vlm_ray.models.host_input_embedding import (
+    host_embedding_counts,
+    move_input_embedding_to_host,
+    with_host_embedding_lookup,
+)
 from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
@@ -71,7 +76,8 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
         load_in_16bit=m.load_in_16bit and not (m.load_in_4bit or m.load_in_8bit),
         full_finetuning=m.full_finetuning,
         use_gradient_checkpointing=m.use_gradient_checkpointing,
-        offload_embedding=m.offload_embedding,
+        # train.host_input_embedding moves the table itself (and without Unsloth's per-step sync)
+        offload_embedding=False if spec.train.host_input_embedding else m.offload_embedding,
         trust_remote_code=m.trust_remote_code,
         **({"attn_implementation": m.attn_implementation} if m.attn_implementation else {}),
     )
@@ -215,6 +221,7 @@ def train_unsloth(
         store.uri,
     )
     model, processor = load_unsloth_model(spec, model_path)
+    host = move_input_embedding_to_host(model) if spec.train.host_input_embedding else None
     collator = build_unsloth_collator(spec, model, processor, family)
     files = local_train_shards(store, workdir)
     train_ds = prepared_train_dataset(files, workdir)
@@ -232,6 +239,7 @@ def train_unsloth(
         args=sft_config(spec, workdir / "trainer", is_bf16_supported()),
         callbacks=list(callbacks),
     )
+    with_host_embedding_lookup(trainer, host)
     # MetricsLog (from the stage) prints the progress line; the Trainer's dict printer would repeat it.
     trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -249,6 +257,7 @@ def train_unsloth(
         "peak_gpu_memory_gib": round(peak_gib, 2),
         "rows": len(train_ds),
         "resumed_from": resume_from,
+        **host_embedding_counts(host),
         **outputs,
     }
     log.info(

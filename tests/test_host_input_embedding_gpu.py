@@ -1,0 +1,85 @@
+"""train.host_input_embedding on a GPU: the table leaves GPU memory and stays in host memory
+through the Trainer's device placement, and both engines train as they do without it, every
+forward taking its rows from the batch. Needs a CUDA GPU (and Unsloth for the Unsloth engine);
+skipped elsewhere (docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vlm_ray.storage import LocalStore
+
+pytestmark = pytest.mark.gpu
+
+
+def test_the_table_leaves_gpu_memory_and_device_placement_leaves_it_on_the_host(
+    untied_qwen2_vl: Path,
+) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_ray.models.host_input_embedding import move_input_embedding_to_host
+
+    model = AutoModelForImageTextToText.from_pretrained(untied_qwen2_vl, dtype=torch.bfloat16)
+    model = get_peft_model(model.cuda(), LoraConfig(r=4, target_modules="all-linear"))
+    table = model.get_input_embeddings().weight
+    nbytes = table.numel() * table.element_size()
+    before = torch.cuda.memory_allocated()
+    del table
+
+    host = move_input_embedding_to_host(model)
+
+    assert before - torch.cuda.memory_allocated() >= nbytes
+    model.to("cuda")  # what accelerate's prepare does for a model that is not quantized
+    model.cuda()
+    assert host.module.weight.device.type == "cpu"
+    assert model.get_output_embeddings().weight.device.type == "cuda"
+    ids = torch.tensor([[5, 6, 7, 8]], device="cuda")
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.device.type == "cuda"
+    assert host.looked_up_here == 1
+
+
+@pytest.mark.parametrize("engine", ["hf", "unsloth"])
+def test_the_train_stage_trains_the_same_with_the_table_on_the_host(
+    engine: str,
+    untied_qwen2_vl: Path,
+    write_prepared: Callable,
+    tiny_train_spec: Callable,
+    tmp_path: Path,
+) -> None:
+    if engine == "unsloth":
+        pytest.importorskip("unsloth")
+    from vlm_ray.stages.train import train_in_this_process
+    from vlm_ray.train.metrics_log import read_metrics
+
+    def train(name: str, **extra) -> tuple[dict, list[float]]:
+        store = LocalStore(tmp_path / name)
+        write_prepared(store, rows=8)
+        knobs = {
+            "engine": engine,
+            "max_steps": 3,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "warmup_steps": 0,
+            "logging_steps": 1,
+            "dataloader_num_workers": 2,
+            **extra,
+        }
+        spec = tiny_train_spec(untied_qwen2_vl, tmp_path / name, train=knobs)
+        summary = train_in_this_process(spec, store)
+        return summary, [row["loss"] for row in read_metrics(store) if "loss" in row]
+
+    plain, plain_losses = train("plain")
+    hosted, hosted_losses = train("hosted", host_input_embedding=True)
+
+    assert hosted["engine"] == engine
+    assert hosted["host_input_embedding"] == {"served_from_batch": 3, "looked_up_here": 0}
+    assert len(hosted_losses) == len(plain_losses) == 3
+    # the same rows reach the same kernels; only nondeterministic GPU reductions may differ
+    assert hosted_losses == pytest.approx(plain_losses, rel=1e-3)
