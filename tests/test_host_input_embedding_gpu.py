@@ -76,6 +76,7 @@ def test_the_train_stage_trains_the_same_with_the_table_on_the_host(
         return summary, [row["loss"] for row in read_metrics(store) if "loss" in row]
 
     plain, plain_losses = train("plain")
+    assert "host_input_embedding" not in plain
     hosted, hosted_losses = train("hosted", host_input_embedding=True)
 
     assert hosted["engine"] == engine
