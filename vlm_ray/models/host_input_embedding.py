@@ -2,7 +2,8 @@
 
 Under LoRA the input embedding is frozen, and a step reads only its batch's rows of it: at the
 7B shape the table is 1.02 GiB of GPU memory (bf16, 152,064 x 3,584) that sits under the peak
-(docs/benchmarks.md, run 11's memory sites) for about 36 MB read per batch-4 step. Here it stays
+(docs/benchmarks.md, run 11's memory sites), while a batch-4 step reads 1,264 of its rows
+(9.1 MB). Here it stays
 in host memory and the rows are looked up where the batch is collated, in the data loader's
 worker processes; they reach the GPU with the rest of the batch, under the key HOST_EMBEDS_KEY,
 and the model's embedding hands them on instead of looking up.
@@ -10,7 +11,9 @@ and the model's embedding hands them on instead of looking up.
 Unsloth's `model.offload_embedding` moves the same table but looks up on the training loop's
 thread after copying the ids back from the GPU (a host-device sync every step) and sends the
 rows back up: 64% longer steps at 7B (run 11). Here the training loop does no lookup and no
-sync; it copies 36 MB more per step with the batch.
+sync; it copies 9.1 MB more per step with the batch. The lookup itself took 3.8 ms on one core
+of the 2-core CI VM at that shape, in a worker (train.dataloader_num_workers >= 1; with 0 it
+runs on the training loop's thread).
 
 Left alone (a warning says why): a table tied to the output head (moving it would move
 lm_head), a trainable table (full fine-tuning or LoRA on the embedding), and a module that is
