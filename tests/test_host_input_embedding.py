@@ -187,3 +187,17 @@ def test_the_train_stage_with_a_worker_collating_trains_the_same_model(
     assert "host_input_embedding" not in plain
     assert hosted["host_input_embedding"] == {"served_from_batch": 2, "looked_up_here": 0}
     assert len(hosted_losses) == 2 and hosted_losses == plain_losses
+
+
+def test_a_run_may_switch_it_on_or_off_as_it_does_not_change_what_is_trained(
+    untied_qwen2_vl: Path, tiny_train_spec, tmp_path: Path
+):
+    from vlm_ray.train.settings_guard import training_settings
+
+    store = LocalStore(tmp_path / "run")
+    plain = tiny_train_spec(untied_qwen2_vl, tmp_path / "run")
+    hosted = tiny_train_spec(
+        untied_qwen2_vl, tmp_path / "run", train={"host_input_embedding": True}
+    )
+    assert plain.train.host_input_embedding is False
+    assert training_settings(plain, store) == training_settings(hosted, store)
