@@ -268,6 +268,26 @@ def tiny_training_run(tiny_qwen2_vl, write_prepared, tiny_train_spec, tmp_path):
     return run
 
 
+@pytest.fixture
+def logged_training_run(write_prepared, tiny_train_spec, tmp_path):
+    """logged_training_run(model_dir, name, rows, train={...}) -> (summary, losses): the train
+    stage in this process on `rows` prepared rows under tmp_path/name, and the loss of every
+    logged step (train.logging_steps: 1, no warm-up)."""
+    from vlm_ray.stages.train import train_in_this_process
+    from vlm_ray.train.metrics_log import read_metrics
+
+    def run(model_dir: Path, name: str, rows: int, train: dict) -> tuple[dict, list[float]]:
+        store = LocalStore(tmp_path / name)
+        write_prepared(store, rows=rows)
+        knobs = {"gradient_accumulation_steps": 1, "warmup_steps": 0, "logging_steps": 1, **train}
+        summary = train_in_this_process(
+            tiny_train_spec(model_dir, tmp_path / name, train=knobs), store
+        )
+        return summary, [row["loss"] for row in read_metrics(store) if "loss" in row]
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def quick_demo_overrides(
     tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: Path

@@ -23,7 +23,6 @@ from vlm_ray.models.host_input_embedding import (
 )
 from vlm_ray.storage import LocalStore
 from vlm_ray.train.collator import VisionSFTCollator
-from vlm_ray.train.metrics_log import read_metrics
 
 
 def _lora_model(path: Path):
@@ -159,31 +158,15 @@ def test_a_spec_that_also_trains_or_offloads_the_table_is_refused_naming_both(
 
 
 def test_the_train_stage_with_a_worker_collating_trains_the_same_model(
-    untied_qwen2_vl: Path, write_prepared, tiny_train_spec, tmp_path: Path
+    untied_qwen2_vl: Path, logged_training_run
 ):
     """Through the stage: the data loader's worker process looks the rows up, every forward
     takes them from the batch, and the run's losses match a run without the setting."""
-    from vlm_ray.stages.train import train_in_this_process
-
-    def train(name: str, **extra) -> tuple[dict, list[float]]:
-        store = LocalStore(tmp_path / name)
-        write_prepared(store, rows=4)
-        knobs = {
-            "max_steps": 2,
-            "per_device_train_batch_size": 2,
-            "gradient_accumulation_steps": 1,
-            "warmup_steps": 0,
-            "logging_steps": 1,
-            "dataloader_num_workers": 1,
-            **extra,
-        }
-        spec = tiny_train_spec(untied_qwen2_vl, tmp_path / name, train=knobs)
-        summary = train_in_this_process(spec, store)
-        losses = [row["loss"] for row in read_metrics(store) if "loss" in row]
-        return summary, losses
-
-    plain, plain_losses = train("plain")
-    hosted, hosted_losses = train("hosted", host_input_embedding=True)
+    train = {"max_steps": 2, "per_device_train_batch_size": 2, "dataloader_num_workers": 1}
+    plain, plain_losses = logged_training_run(untied_qwen2_vl, "plain", 4, train)
+    hosted, hosted_losses = logged_training_run(
+        untied_qwen2_vl, "hosted", 4, {**train, "host_input_embedding": True}
+    )
     assert "host_input_embedding" not in plain
     assert hosted["host_input_embedding"] == {"served_from_batch": 2, "looked_up_here": 0}
     assert len(hosted_losses) == 2 and hosted_losses == plain_losses

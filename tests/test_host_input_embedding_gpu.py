@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from vlm_ray.storage import LocalStore
-
 pytestmark = pytest.mark.gpu
 
 
@@ -47,37 +45,21 @@ def test_the_table_leaves_gpu_memory_and_device_placement_leaves_it_on_the_host(
 
 @pytest.mark.parametrize("engine", ["hf", "unsloth"])
 def test_the_train_stage_trains_the_same_with_the_table_on_the_host(
-    engine: str,
-    untied_qwen2_vl: Path,
-    write_prepared: Callable,
-    tiny_train_spec: Callable,
-    tmp_path: Path,
+    engine: str, untied_qwen2_vl: Path, logged_training_run: Callable
 ) -> None:
     if engine == "unsloth":
         pytest.importorskip("unsloth")
-    from vlm_ray.stages.train import train_in_this_process
-    from vlm_ray.train.metrics_log import read_metrics
-
-    def train(name: str, **extra) -> tuple[dict, list[float]]:
-        store = LocalStore(tmp_path / name)
-        write_prepared(store, rows=8)
-        knobs = {
-            "engine": engine,
-            "max_steps": 3,
-            "per_device_train_batch_size": 2,
-            "gradient_accumulation_steps": 1,
-            "warmup_steps": 0,
-            "logging_steps": 1,
-            "dataloader_num_workers": 2,
-            **extra,
-        }
-        spec = tiny_train_spec(untied_qwen2_vl, tmp_path / name, train=knobs)
-        summary = train_in_this_process(spec, store)
-        return summary, [row["loss"] for row in read_metrics(store) if "loss" in row]
-
-    plain, plain_losses = train("plain")
+    train = {
+        "engine": engine,
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "dataloader_num_workers": 2,
+    }
+    plain, plain_losses = logged_training_run(untied_qwen2_vl, "plain", 8, train)
     assert "host_input_embedding" not in plain
-    hosted, hosted_losses = train("hosted", host_input_embedding=True)
+    hosted, hosted_losses = logged_training_run(
+        untied_qwen2_vl, "hosted", 8, {**train, "host_input_embedding": True}
+    )
 
     assert hosted["engine"] == engine
     assert hosted["host_input_embedding"] == {"served_from_batch": 3, "looked_up_here": 0}
