@@ -20,6 +20,7 @@ from vlm_ray.models.host_input_embedding import (
     HOST_EMBEDS_KEY,
     HostEmbeddingCollator,
     move_input_embedding_to_host,
+    with_host_embedding_lookup,
 )
 from vlm_ray.storage import LocalStore
 from vlm_ray.train.collator import VisionSFTCollator
@@ -184,3 +185,19 @@ def test_a_run_may_switch_it_on_or_off_as_it_does_not_change_what_is_trained(
     )
     assert plain.train.host_input_embedding is False
     assert training_settings(plain, store) == training_settings(hosted, store)
+
+
+@pytest.mark.parametrize(("workers", "warned"), [(0, True), (1, False)])
+def test_looking_up_without_a_loader_worker_is_allowed_but_warned(
+    untied_qwen2_vl: Path, tmp_path: Path, caplog, workers: int, warned: bool
+):
+    from transformers import Trainer, TrainingArguments
+
+    model = _lora_model(untied_qwen2_vl)
+    host = move_input_embedding_to_host(model)
+    args = TrainingArguments(str(tmp_path), dataloader_num_workers=workers, report_to="none")
+    trainer = Trainer(model=model, args=args, data_collator=_batch_collator(untied_qwen2_vl))
+    with caplog.at_level(logging.WARNING):
+        with_host_embedding_lookup(trainer, host)
+    assert isinstance(trainer.data_collator, HostEmbeddingCollator)
+    assert ("dataloader_num_workers: 0" in caplog.text) is warned
