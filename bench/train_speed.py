@@ -26,6 +26,10 @@ layers at batch 4 on the same 448 px images and answers, and runs in its own pro
 
 MFU counts 6 x params x tokens (language model over every token, vision tower over every
 patch) against the GPU's dense bf16 peak; the attention's own FLOPs are left out.
+
+Each mode's result carries `conditions`: the host's load and CPU clock and the GPU's SM clock,
+power, temperature and utilisation over its timed steps (bench/machine_conditions.py, sampled
+every 2 s by the driver), so a slow run can be told apart from a slow machine.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.machine_conditions import ConditionsSampler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
@@ -745,14 +753,19 @@ def _stop(signum, frame) -> None:
     raise Stopped(signal.Signals(signum).name)
 
 
-def collect_results(cmd: list[str]) -> dict:
+def collect_results(cmd: list[str], conditions_every: float = 2.0) -> dict:
     """Run `cmd`, echoing its output as it comes (so a cut run shows how far it got); the answer
     is its last RESULT line, or an error. If the driver is stopped (SIGTERM, with _stop installed)
     the child is stopped too and the answer is marked "cut": the last RESULT so far, or an error
     if there was none. The stage prints its timing before it saves, so a run cut while saving
-    still has its figure."""
+    still has its figure. While it runs, a ConditionsSampler (every `conditions_every` s; 0: off)
+    records the machine's load and clocks; the answer carries them over its timed steps."""
+    from bench.machine_conditions import ConditionsSampler
+
     t = time.time()
     found = []
+    timed_end = None  # when the first RESULT with a timing arrived: the timed steps' end
+    sampler = ConditionsSampler(every=conditions_every).start() if conditions_every else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:
@@ -760,6 +773,8 @@ def collect_results(cmd: list[str]) -> dict:
             result = result_of(line)
             if result is not None:
                 found.append(result)
+                if timed_end is None and "step_ms" in result:
+                    timed_end = time.time()
         proc.wait()
     except Stopped as stop:
         proc.terminate()
@@ -769,12 +784,29 @@ def collect_results(cmd: list[str]) -> dict:
             proc.kill()
         cut = f"stopped by {stop} after {round(time.time() - t)} s"
         last = found[-1] if found else {"error": "no RESULT line before the cut"}
-        return {**last, "cut": cut, "wall_s": round(time.time() - t)}
+        return {
+            **last,
+            **_conditions(sampler, last, timed_end),
+            "cut": cut,
+            "wall_s": round(time.time() - t),
+        }
     finally:
         proc.stdout.close()
+        if sampler:
+            sampler.stop()
     if not found:
         return {"error": f"exit {proc.returncode}", "wall_s": round(time.time() - t)}
-    return {**found[-1], "wall_s": round(time.time() - t)}
+    last = found[-1]
+    return {**last, **_conditions(sampler, last, timed_end), "wall_s": round(time.time() - t)}
+
+
+def _conditions(sampler: ConditionsSampler | None, result: dict, timed_end: float | None) -> dict:
+    """{"conditions": ...} over the timed steps (they ended when their RESULT arrived and took
+    timed_steps x step_ms), or {} without a sampler or a timing."""
+    if sampler is None or timed_end is None or "timed_steps" not in result:
+        return {}
+    start = timed_end - result["timed_steps"] * result["step_ms"] / 1e3
+    return {"conditions": sampler.window(start, timed_end)}
 
 
 def run_child(mode: str, argv: list[str]) -> dict:
