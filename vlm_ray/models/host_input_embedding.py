@@ -3,10 +3,9 @@
 Under LoRA the input embedding is frozen, and a step reads only its batch's rows of it: at the
 7B shape the table is 1.02 GiB of GPU memory (bf16, 152,064 x 3,584) that sits under the peak
 (docs/benchmarks.md, run 11's memory sites), while a batch-4 step reads 1,264 of its rows
-(9.1 MB). Here it stays
-in host memory and the rows are looked up where the batch is collated, in the data loader's
-worker processes; they reach the GPU with the rest of the batch, under the key HOST_EMBEDS_KEY,
-and the model's embedding hands them on instead of looking up.
+(9.1 MB). Here the table stays in host memory and the rows are looked up where the batch is
+collated, in the data loader's worker processes; they reach the GPU with the rest of the batch,
+under the key HOST_EMBEDS_KEY, and the model's embedding hands them on instead of looking up.
 
 Unsloth's `model.offload_embedding` moves the same table but looks up on the training loop's
 thread after copying the ids back from the GPU (a host-device sync every step) and sends the
