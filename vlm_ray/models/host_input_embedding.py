@@ -10,9 +10,9 @@ under the key HOST_EMBEDS_KEY, and the model's embedding hands them on instead o
 Unsloth's `model.offload_embedding` moves the same table but looks up on the training loop's
 thread after copying the ids back from the GPU (a host-device sync every step) and sends the
 rows back up: 64% longer steps at 7B (run 11). Here the training loop does no lookup and no
-sync; it copies 9.1 MB more per step with the batch. The lookup itself took 3.8 ms on one core
-of the 2-core CI VM at that shape, in a worker (train.dataloader_num_workers >= 1; with 0 it
-runs on the training loop's thread).
+sync; it copies 9.1 MB more per step with the batch. The lookup itself took 1.2-1.7 ms on one
+core of the 2-core CI VM at that shape (bench/host_embedding_lookup.py), in a worker
+(train.dataloader_num_workers >= 1; with 0 it runs on the training loop's thread).
 
 Left alone (a warning says why): a table tied to the output head (moving it would move
 lm_head), a trainable table (full fine-tuning or LoRA on the embedding), and a module that is
@@ -183,8 +183,8 @@ def with_host_embedding_lookup(trainer: Any, host: HostInputEmbedding | None) ->
     if trainer.args.dataloader_num_workers == 0:
         log.warning(
             "train.host_input_embedding: with train.dataloader_num_workers: 0 the rows are "
-            "looked up on the training loop's thread (3.8 ms per 7B batch-4 step on one CI "
-            "core); set it to 1 or more to do it beside the GPU step"
+            "looked up on the training loop's thread (1.2-1.7 ms per 7B batch-4 step on one "
+            "CI core); set it to 1 or more to do it beside the GPU step"
         )
 
 
