@@ -22,25 +22,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-
-
-def timed_ms(step: Callable[[], object], iters: int, sync: Callable[[], None]) -> float:
-    """Mean wall time of `step()` over `iters` calls after one warm-up, synchronised."""
-    step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync()
-    return (time.perf_counter() - start) / iters * 1e3
 
 
 def measure(a: argparse.Namespace) -> list[dict]:
     """The four rows (those needing CUDA carry an error off it)."""
     import torch
     import torch.nn.functional as F
+
+    from bench.kernel_rows import wall_ms
 
     torch.manual_seed(0)
     table = torch.randn(a.vocab, a.hidden, dtype=torch.bfloat16)
@@ -57,7 +47,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a data loader worker's setting
     try:
-        worker = timed_ms(lambda: F.embedding(ids, table), a.iters, lambda: None)
+        worker = wall_ms(lambda: F.embedding(ids, table), a.iters, "cpu")
     finally:
         torch.set_num_threads(threads)
     rows = [{**shape, "row": "worker lookup", "ms": round(worker, 3)}]
@@ -65,7 +55,6 @@ def measure(a: argparse.Namespace) -> list[dict]:
     if a.device != "cuda":
         return rows + [{**shape, "row": n, "error": "needs a CUDA device"} for n in names]
 
-    sync = torch.cuda.synchronize
     pinned = F.embedding(ids, table).pin_memory()
     on_gpu = table.cuda()
     ids_gpu = ids.cuda()
@@ -79,7 +68,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
         offloaded,
     ]
     for name, step in zip(names, steps, strict=True):
-        rows.append({**shape, "row": name, "ms": round(timed_ms(step, a.iters, sync), 3)})
+        rows.append({**shape, "row": name, "ms": round(wall_ms(step, a.iters, "cuda"), 3)})
     return rows
 
 
@@ -103,12 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    # Run as a script, bench/ is sys.path[0]; the shared module is imported from the root.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    """Measure, append the rows to --out and print the table (bench.kernel_rows' command line)."""
     from bench.kernel_rows import run_cli
 
     return run_cli(__doc__, add_arguments, measure, table, argv)
 
 
 if __name__ == "__main__":
+    # As a script, sys.path[0] is bench/: the shared module is imported from the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(0 if main() else 1)

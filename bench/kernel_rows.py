@@ -1,12 +1,29 @@
-"""The shared command line of the small pricing benchmarks (lora_overhead.py, vision_kernels.py):
---device and --out, then measure, append the rows to --out as JSON lines, print the table."""
+"""The shared command line of the small pricing benchmarks (lora_overhead.py, vision_kernels.py,
+host_embedding_lookup.py): --device and --out, then measure, append the rows to --out as JSON
+lines, print the table; and the timer they share."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+
+def wall_ms(step: Callable[[], object], iters: int, device: str) -> float:
+    """Mean wall time of `step()` over `iters` calls after one warm-up call, synchronised with
+    the GPU at both ends when `device` is "cuda"."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    return (time.perf_counter() - start) / iters * 1e3
 
 
 def run_cli(

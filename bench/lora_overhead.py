@@ -72,23 +72,11 @@ def build_stack(layers: int, width: int, rank: int, base: str, device: str):
     return get_peft_model(stack, config).base_model.model  # the stack, LoRA layers injected
 
 
-def wall_ms(step, iters: int, device: str) -> float:
-    """Mean wall time of `step()` over `iters` calls, synchronised at both ends."""
-    import torch
-
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync()
-    return (time.perf_counter() - start) / iters * 1e3
-
-
 def rows_for(base: str, a: argparse.Namespace) -> list[dict]:
     """Eager and CUDA-graph rows for one base layer kind."""
     import torch
+
+    from bench.kernel_rows import wall_ms
 
     stack = build_stack(a.layers, a.width, a.rank, base, a.device)
     x = torch.randn(a.tokens, a.width, device=a.device, dtype=torch.bfloat16, requires_grad=True)
@@ -170,6 +158,8 @@ def graph_row(capture, restore, a: argparse.Namespace) -> dict:
     import gc
 
     import torch
+
+    from bench.kernel_rows import wall_ms
 
     gc.collect()
     torch.cuda.empty_cache()
