@@ -175,6 +175,16 @@ def guard_first_gradient(parameter: Any) -> None:
 
 
 @functools.cache
+def _graphing_takes_capture_error_mode() -> bool:
+    """Whether this torch's make_graphed_callables has capture_error_mode (asked once, not per capture)."""
+    import inspect
+
+    import torch
+
+    return "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters
+
+
+@functools.cache
 def _flat_layer_call_class() -> type:
     import torch
 
@@ -278,16 +288,13 @@ class GraphedLayerForward:
 
     def _capture(self, key: tuple, tensors: list[Any]) -> Callable[..., Any] | None:
         """make_graphed_callables for this key, or None (logged) when capture fails."""
-        import inspect
-
         import torch
 
         call_key, autocast_on, autocast_dtype = key
         samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
         runner = flat_layer_call(self.layer, self.original, call_key)
         options: dict[str, Any] = {"allow_unused_input": True}
-        accepted = inspect.signature(torch.cuda.make_graphed_callables).parameters
-        if "capture_error_mode" in accepted:
+        if _graphing_takes_capture_error_mode():
             # Only this thread's unsafe calls fail the capture, not the data loader's pinning.
             options["capture_error_mode"] = "thread_local"
         shape = list(tensors[0].shape)
