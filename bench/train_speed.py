@@ -706,8 +706,13 @@ def mode_stage(a, model_dir: Path) -> dict:
                     else {}
                 ),
                 "peak_gib": summary["peak_gpu_memory_gib"],
-                # train.host_input_embedding: proof the rows came with the batch in every step
-                **{k: summary[k] for k in ("host_input_embedding",) if k in summary},
+                # train.host_input_embedding: proof the rows came with the batch in every step;
+                # train.fp8: how many base layers ran as float8 GEMMs
+                **{
+                    k: summary[k]
+                    for k in ("host_input_embedding", "fp8_base_layers")
+                    if k in summary
+                },
                 **checkpointing.summary(),
                 **(sync_sites.summary() if sync_sites else {}),
                 **(copy_sites.summary() if copy_sites else {}),

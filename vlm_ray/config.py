@@ -361,6 +361,21 @@ class TrainSpec(_Section):
             "Unmeasured on a GPU so far."
         ),
     )
+    fp8: bool = Field(
+        False,
+        description=(
+            "Run the GEMMs of LoRA's frozen base layers in float8 (forward and input gradient; "
+            "e4m3 weights quantized once, per-tensor power-of-two scales; no weight gradient, "
+            "the weights are frozen). Adapters, attention, norms and lm_head stay in bf16. For "
+            "large batches, where the step is bound by the GPU's bf16 arithmetic (~58% of an "
+            "H200's peak at 7B from batch 32 up, docs/benchmarks.md run 16). CUDA compute "
+            "capability 8.9+ only; with a 16-bit model (not model.load_in_4bit/8bit) and LoRA. "
+            "On the Unsloth engine the language MLPs then run through PEFT's layers "
+            "(train.fused_lora_mlp's kernel reads bf16 weights). Numbers change slightly. "
+            "With save.merged_16bit a bf16 copy of the base weights is kept in host memory for "
+            "the merge. Unmeasured on a GPU so far."
+        ),
+    )
     loss_chunks: int | None = Field(
         None,
         ge=1,
@@ -620,6 +635,24 @@ class JobSpec(_Section):
                 "train.host_input_embedding and model.offload_embedding both move the input "
                 "embedding to host memory; set model.offload_embedding: false (or leave it "
                 'at "auto", which then stays off)'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fp8_needs_a_16bit_lora_base(self) -> JobSpec:
+        if not self.train.fp8:
+            return self
+        m = self.model
+        if m.full_finetuning:
+            raise ValueError(
+                "train.fp8: model.full_finetuning trains the base weights, which train.fp8 "
+                "keeps frozen in float8; turn one of them off"
+            )
+        quantized = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(m, k)]
+        if quantized:
+            raise ValueError(
+                f"train.fp8: model.{quantized[0]} already quantizes the base weights "
+                "(bitsandbytes); train.fp8 needs them in 16 bits. Turn one of them off"
             )
         return self
 

@@ -21,6 +21,11 @@ import torch
 from vlm_ray.config import JobSpec, LoraSpec
 from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.families import Family, family_of
+from vlm_ray.models.fp8_frozen_linear import (
+    check_fp8_training_device,
+    convert_lora_base_layers_to_fp8,
+    fp8_layer_count,
+)
 from vlm_ray.models.host_input_embedding import (
     host_embedding_counts,
     move_input_embedding_to_host,
@@ -126,6 +131,9 @@ def load_hf_model(spec: JobSpec, model_path: str, family: Family) -> tuple[Any, 
                 model, use_gradient_checkpointing=bool(m.use_gradient_checkpointing)
             )
         model = apply_lora(model, spec.lora, family)
+        if spec.train.fp8:
+            check_fp8_training_device()
+            convert_lora_base_layers_to_fp8(model, keep_bf16_on_host=spec.save.merged_16bit)
     enable_batched_rope_index(model)
     enable_packed_vision_attention(model)  # one attention call per vision layer, not per image
     return model, processor, why
@@ -195,6 +203,7 @@ def train_hf(
     # MetricsLog prints the progress line; the Trainer's own dict printer would repeat it.
     trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    fp8_layers = fp8_layer_count(model)  # before the save, which may restore bf16 layers
     outputs = save_hf_model(spec, store, workdir, trainer.model, processor)
     summary = {
         "engine": "hf",
@@ -211,6 +220,7 @@ def train_hf(
         "rows": len(dataset),
         "resumed_from": resume_from,
         **host_embedding_counts(host),
+        "fp8_base_layers": fp8_layers,
         **outputs,
     }
     log.info(

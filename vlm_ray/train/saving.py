@@ -48,6 +48,11 @@ def save_trained_model(
         )
         out.update(kind="adapter", adapter_uri=uri)
     if spec.save.merged_16bit:
+        if spec.train.fp8:
+            # The adapter merges into the bf16 weights kept on the host, not the float8 ones.
+            from vlm_ray.models.fp8_frozen_linear import restore_bf16_base_layers
+
+            restore_bf16_base_layers(model)
         merged_dir = workdir / "merged"
         save_merged(model, processor, merged_dir)
         store.upload_dir(merged_dir, layout.MERGED)

@@ -28,6 +28,11 @@ from vlm_ray.config import JobSpec
 from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.compiled_vision import compile_vision_blocks
 from vlm_ray.models.families import Family, family_of
+from vlm_ray.models.fp8_frozen_linear import (
+    check_fp8_training_device,
+    convert_lora_base_layers_to_fp8,
+    fp8_layer_count,
+)
 from vlm_ray.models.fused_lora_mlp import enable_fused_lora_mlp
 from vlm_ray.models.graphed_decoder_layers import enable_graphed_decoder_layers
 from vlm_ray.models.host_input_embedding import (
@@ -103,7 +108,14 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
     # One attention call per vision layer instead of one per image, each with device syncs
     # (3 per layer call, found on the GPU: docs/benchmarks.md, training run 9).
     enable_packed_vision_attention(model)
-    if spec.train.fused_lora_mlp and not m.full_finetuning:
+    if spec.train.fp8:
+        # Before the fused MLP would take the MLPs: its kernel multiplies bf16 weights itself,
+        # so with train.fp8 the MLPs stay on PEFT's layers, whose base GEMMs become float8.
+        check_fp8_training_device()
+        convert_lora_base_layers_to_fp8(model, keep_bf16_on_host=spec.save.merged_16bit)
+        if spec.train.fused_lora_mlp:
+            log.info("train.fp8: train.fused_lora_mlp left off (its kernel reads bf16 weights)")
+    elif spec.train.fused_lora_mlp and not m.full_finetuning:
         # Unsloth's own fused LoRA MLP, which FastVisionModel leaves out: two wide activations
         # per token kept instead of three, fewer kernels (docs/benchmarks.md, run 11).
         enable_fused_lora_mlp(model, recompute=spec.train.recompute_mlp)
@@ -244,6 +256,7 @@ def train_unsloth(
     trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume_from)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    fp8_layers = fp8_layer_count(model)  # before the save, which may restore bf16 layers
 
     outputs = save_unsloth_model(spec, store, workdir, model, processor)
     summary = {
@@ -258,6 +271,7 @@ def train_unsloth(
         "rows": len(train_ds),
         "resumed_from": resume_from,
         **host_embedding_counts(host),
+        "fp8_base_layers": fp8_layers,
         **outputs,
     }
     log.info(

@@ -1,0 +1,139 @@
+"""What train.fp8 buys per step: the frozen base layers' GEMMs of a LoRA step in bf16 and in
+float8, side by side, at the 7B shape and a large batch (where the step is GPU-bound).
+
+One row per distinct linear shape of Qwen2-VL-7B (language: q, k/v, o, gate/up, down; vision
+tower: qkv, proj, fc1, fc2), each timed as the step runs it: the forward (with
+use_gradient_checkpointing it runs twice; the bench counts it once) and the gradient with
+respect to the input (no weight gradient: the weight is frozen). "bf16" is nn.Linear as PEFT's
+base layer runs it; "fp8" is vlm_ray's Float8FrozenLinear, with its activation and gradient
+quantization included. A last row adds the shapes up by how often a step runs them
+(28 language layers, 32 vision blocks), the part of the step this setting can change.
+
+    python bench/fp8_frozen_linear.py --out $R/fp8_frozen_linear.jsonl     # GPU, ~1 minute
+    python bench/fp8_frozen_linear.py --device cpu --batch 1 --scale 16     # CPU: checks it runs
+
+--scale divides every dimension (CPU smoke runs); the figures that mean something are CUDA ones
+at --scale 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# (name, in, out, per layer, layers, rows per sample) at the 7B shape; rows per sample: the
+# language model sees ~320 tokens of a 448 px sample, the vision tower 1,024 patches.
+_SHAPES_7B = [
+    ("language q/o", 3584, 3584, 2, 28, 320),
+    ("language k/v", 3584, 512, 2, 28, 320),
+    ("language gate/up", 3584, 18944, 2, 28, 320),
+    ("language down", 18944, 3584, 1, 28, 320),
+    ("vision qkv", 1280, 3840, 1, 32, 1024),
+    ("vision proj", 1280, 1280, 1, 32, 1024),
+    ("vision fc1", 1280, 5120, 1, 32, 1024),
+    ("vision fc2", 5120, 1280, 1, 32, 1024),
+]
+
+
+def _step(layer, x, grad):
+    def run():
+        x.grad = None
+        layer(x).backward(grad)
+
+    return run
+
+
+def measure(a: argparse.Namespace) -> list[dict]:
+    """One row per shape (bf16 ms, fp8 ms, ratio) and the step total; errors for no CUDA GPU."""
+    import torch
+
+    from bench.kernel_rows import wall_ms
+    from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear
+
+    device = a.device
+    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        return [{"row": "all", "error": "float8 GEMMs need compute capability 8.9+"}]
+    common = {
+        "batch": a.batch,
+        "scale": a.scale,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    torch.manual_seed(0)
+    rows, total_bf16, total_fp8 = [], 0.0, 0.0
+    for name, d_in, d_out, per_layer, layers, per_sample in _SHAPES_7B:
+        d_in, d_out = max(16, d_in // a.scale), max(16, d_out // a.scale)
+        tokens = a.batch * per_sample
+        linear = torch.nn.Linear(d_in, d_out, bias=False, device=device, dtype=torch.bfloat16)
+        linear.weight.data.mul_(d_in**-0.5).requires_grad_(False)
+        x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16)
+        bf16 = wall_ms(_step(linear, x, grad), a.iters, device)
+        fp8 = wall_ms(_step(Float8FrozenLinear(linear), x, grad), a.iters, device)
+        times = per_layer * layers
+        total_bf16, total_fp8 = total_bf16 + bf16 * times, total_fp8 + fp8 * times
+        rows.append(
+            {
+                **common,
+                "row": name,
+                "in": d_in,
+                "out": d_out,
+                "tokens": tokens,
+                "per_step": times,
+                "bf16_ms": round(bf16, 3),
+                "fp8_ms": round(fp8, 3),
+                "speedup": round(bf16 / fp8, 3),
+            }
+        )
+        del linear, x, grad
+    rows.append(
+        {
+            **common,
+            "row": "step total (base GEMMs, forward once + input gradient)",
+            "bf16_ms": round(total_bf16, 1),
+            "fp8_ms": round(total_fp8, 1),
+            "speedup": round(total_bf16 / total_fp8, 3),
+        }
+    )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table: ms per call for each shape, and the step total."""
+    lines = [
+        "| shape | in x out | tokens | per step | bf16 ms | fp8 ms | bf16/fp8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['error']} | | | | | |")
+            continue
+        dims = f"{r['in']} x {r['out']}" if "in" in r else ""
+        lines.append(
+            f"| {r['row']} | {dims} | {r.get('tokens', '')} | {r.get('per_step', '')} "
+            f"| {r['bf16_ms']} | {r['fp8_ms']} | {r['speedup']} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This script's own options (--device and --out come from bench.kernel_rows)."""
+    p.add_argument("--batch", type=int, default=32, help="samples per step (run 16's plateau: 32)")
+    p.add_argument("--scale", type=int, default=1, help="divide every dimension (CPU smoke runs)")
+    p.add_argument("--iters", type=int, default=20)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Measure, append the rows to --out and print the table (bench.kernel_rows' command line)."""
+    from bench.kernel_rows import run_cli
+
+    return run_cli(__doc__, add_arguments, measure, table, argv)
+
+
+if __name__ == "__main__":
+    # As a script, sys.path[0] is bench/: the shared module is imported from the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(0 if main() else 1)

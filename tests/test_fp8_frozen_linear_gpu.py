@@ -1,0 +1,69 @@
+"""train.fp8 on a GPU of compute capability 8.9+: the compiled quantization is the eager one, the
+float8 layer stays close to bf16 at a real shape and halves its weight's memory, and both engines'
+train stage trains close to the same run in bf16. Skipped elsewhere (docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def float8_gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a CUDA GPU of compute capability 8.9+")
+
+
+def test_at_a_7b_shape_the_float8_layer_is_close_to_bf16_in_half_the_memory(float8_gpu) -> None:
+    import torch
+
+    from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear, _quantize, quantize_activation
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3584, 18944, bias=False, device="cuda", dtype=torch.bfloat16)
+    linear.requires_grad_(False)
+    x = torch.randn(1280, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(1280, 18944, device="cuda", dtype=torch.bfloat16)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        compiled, eager = quantize_activation(x.detach(), dtype), _quantize(x.detach(), dtype)
+        assert torch.equal(compiled[1], eager[1])
+        assert torch.equal(compiled[0].view(torch.uint8), eager[0].view(torch.uint8))
+
+    ref = linear(x)
+    (ref_grad_x,) = torch.autograd.grad(ref, x, grad)
+    layer = Float8FrozenLinear(linear)
+    weight_bytes = linear.weight.numel() * linear.weight.element_size()
+    before = torch.cuda.memory_allocated()
+    del linear  # its bf16 weight is gone; the layer keeps only the float8 bits
+
+    assert before - torch.cuda.memory_allocated() >= weight_bytes
+    assert layer.weight_bits.nbytes * 2 == weight_bytes
+    out = layer(x)
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(out.float().flatten(), ref.float().flatten(), dim=0) > 0.998
+    assert cos(grad_x.float().flatten(), ref_grad_x.float().flatten(), dim=0) > 0.995
+
+
+@pytest.mark.parametrize("engine", ["hf", "unsloth"])
+def test_the_train_stage_trains_close_to_bf16_with_float8_base_layers(
+    engine: str, float8_gpu, tiny_qwen2_vl: Path, logged_training_run: Callable
+) -> None:
+    if engine == "unsloth":
+        pytest.importorskip("unsloth")
+    train = {"engine": engine, "max_steps": 3, "per_device_train_batch_size": 2}
+    plain, plain_losses = logged_training_run(tiny_qwen2_vl, "plain", 8, train)
+    fp8, fp8_losses = logged_training_run(tiny_qwen2_vl, "fp8", 8, {**train, "fp8": True})
+
+    assert plain["fp8_base_layers"] == 0
+    assert fp8["engine"] == engine and fp8["fp8_base_layers"] > 0
+    assert len(fp8_losses) == len(plain_losses) == 3
+    assert fp8_losses != plain_losses  # float8 rounding changes the numbers a little
+    assert fp8_losses == pytest.approx(plain_losses, rel=2e-2)

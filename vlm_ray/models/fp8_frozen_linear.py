@@ -1,0 +1,225 @@
+"""LoRA's frozen base layers as float8 GEMMs while training (spec train.fp8).
+
+Why: from batch 32 up, the 7B LoRA step is bound by the GPU's arithmetic, at ~58% of an H200's
+dense bf16 peak (docs/benchmarks.md, run 16), and most of that arithmetic is the frozen base
+weights' GEMMs: the forward, its recomputation under checkpointing, and the gradient with respect
+to the input. Hopper GPUs run float8 GEMMs at twice the bf16 peak. The LoRA adapters, attention,
+norms and the output head stay in bf16.
+
+How: each LoRA layer's base nn.Linear is replaced by a Float8FrozenLinear holding its weight in
+float8 (e4m3, one scale for the tensor, quantized once: the weight never changes). Per call, the
+input is quantized with one scale (e4m3) and multiplied with torch._scaled_mm; in the backward the
+output gradient (e5m2, for its range) is multiplied with the weight's transpose. No weight
+gradient is computed: the weight is frozen.
+
+Why not torchao's float8 training (convert_to_float8_training): its Float8Linear re-quantizes the
+weight on every call and computes the weight gradient unconditionally (torchao 0.18,
+float8/float8_linear.py, backward), a third of a frozen layer's GEMM work spent on a gradient
+nobody reads. Scales are rounded down to powers of two (as torchao's round_scales_to_power_of_2),
+so quantizing is exact for values float8 can hold.
+
+The weight is stored as uint8 bits (viewed as float8 when used), so a model-wide
+`.to(torch.bfloat16)` cannot silently cast it. `keep_bf16_on_host` keeps the original weight
+in host memory, to restore before a merged save (restore_bf16_base_layers): merging an adapter
+into float8 weights would lose precision.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+# float8 GEMMs (torch._scaled_mm) need both dimensions of the weight divisible by 16.
+_ALIGN = 16
+
+
+def _quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / scale in `dtype`, scale): one power-of-two scale for the whole tensor."""
+    fp8_max = torch.finfo(dtype).max
+    amax = t.abs().amax().float()
+    # Smallest power of two with |t| / scale <= fp8_max; a zero tensor gets scale 2**-126.
+    scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / fp8_max, min=2.0**-126))))
+    return (t.float() / scale).clamp(-fp8_max, fp8_max).to(dtype), scale
+
+
+@functools.cache
+def _compiled_quantize() -> Any:
+    # On CUDA the abs/amax/divide/cast run as one or two fused kernels instead of six.
+    return torch.compile(_quantize, dynamic=True)
+
+
+def quantize_activation(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """_quantize, compiled on CUDA (eager elsewhere: CPU compilation needs a C++ toolchain)."""
+    return (_compiled_quantize() if t.is_cuda else _quantize)(t.contiguous(), dtype)
+
+
+class _Float8FrozenMatmul(torch.autograd.Function):
+    """x @ W.T with W frozen in float8: float8 forward and input gradient, no weight gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> Any:
+        ctx.save_for_backward(weight, scale)
+        rows = x.reshape(-1, x.shape[-1])
+        xq, x_scale = quantize_activation(rows, E4M3)
+        out = torch._scaled_mm(
+            xq,
+            weight.t(),  # (in, out), column-major: what _scaled_mm wants on the right
+            scale_a=x_scale,
+            scale_b=scale,
+            out_dtype=x.dtype,
+            use_fast_accum=True,  # torchao's choice for the forward GEMM
+        )
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        weight, scale = ctx.saved_tensors
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        gq, g_scale = quantize_activation(rows, E5M2)
+        # (out, in) column-major for the right operand: a transposed copy, one byte per weight,
+        # made here rather than kept (it would double the weights' memory).
+        weight_cm = weight.t().contiguous().t()
+        grad_x = torch._scaled_mm(
+            gq, weight_cm, scale_a=g_scale, scale_b=scale, out_dtype=grad_out.dtype
+        )
+        return grad_x.reshape(*grad_out.shape[:-1], weight.shape[1]), None, None
+
+
+class Float8FrozenLinear(torch.nn.Module):
+    """A frozen nn.Linear whose GEMMs run in float8 (see the module docstring)."""
+
+    def __init__(self, linear: torch.nn.Linear, keep_bf16_on_host: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            q, scale = _quantize(linear.weight.detach(), E4M3)
+        # uint8 bits, not a float8 tensor: Module.to(dtype) casts floating tensors, not these.
+        self.register_buffer("weight_bits", q.view(torch.uint8))
+        self.register_buffer("weight_scale", scale.reshape(()))
+        self.bias = linear.bias  # kept as it was (trainable under lora.bias "all")
+        self.original_dtype = linear.weight.dtype
+        # Not a buffer: it stays in host memory through .to("cuda"), and out of state_dict.
+        self.host_weight = (
+            linear.weight.detach().to("cpu", copy=True) if keep_bf16_on_host else None
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float8 weight (readers such as PEFT's and Unsloth's casts see a 1-byte dtype)."""
+        return self.weight_bits.view(E4M3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _Float8FrozenMatmul.apply(x, self.weight, self.weight_scale.float())
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as the GEMMs see it, in the original dtype."""
+        return (self.weight.float() * self.weight_scale.float()).to(self.original_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3"
+
+
+def _lora_layers(model: Any) -> list[tuple[str, Any]]:
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if hasattr(m, "base_layer") and hasattr(m, "lora_A")
+    ]
+
+
+def _why_not(base: Any) -> str | None:
+    if type(base) is not torch.nn.Linear:
+        return f"its base layer is a {type(base).__name__}, not a torch Linear"
+    if base.weight.requires_grad:
+        return "its base weight is trained"
+    if base.in_features % _ALIGN or base.out_features % _ALIGN:
+        return f"{base.in_features}x{base.out_features} is not a multiple of {_ALIGN}"
+    return None
+
+
+def convert_lora_base_layers_to_fp8(model: Any, keep_bf16_on_host: bool = False) -> int:
+    """Replace every eligible LoRA layer's frozen base nn.Linear by a Float8FrozenLinear; how many.
+
+    Eligible: a plain torch Linear (not bitsandbytes'), frozen, with both dimensions multiples
+    of 16. The others stay as they are, counted in one log line with the reasons.
+    """
+    converted, skipped = 0, {}
+    for name, layer in _lora_layers(model):
+        base = layer.base_layer
+        why = _why_not(base)
+        if why is not None:
+            skipped.setdefault(why, []).append(name)
+            continue
+        layer.base_layer = Float8FrozenLinear(base, keep_bf16_on_host=keep_bf16_on_host)
+        converted += 1
+    for why, names in skipped.items():
+        log.warning(
+            "train.fp8: %d LoRA layers stay in %s because %s (e.g. %s)",
+            len(names),
+            "their own precision",
+            why,
+            names[0],
+        )
+    log.info("train.fp8: %d LoRA base layers run as float8 GEMMs", converted)
+    return converted
+
+
+def fp8_layer_count(model: Any) -> int:
+    """How many Float8FrozenLinear layers the model has (the run summary's fp8_base_layers)."""
+    return sum(isinstance(m, Float8FrozenLinear) for m in model.modules())
+
+
+def restore_bf16_base_layers(model: Any) -> int:
+    """Put the original base nn.Linear back wherever a host copy was kept; how many.
+
+    Raises ValueError when a converted layer has no host copy (keep_bf16_on_host was off):
+    merging into float8 weights would silently lose precision.
+    """
+    restored = 0
+    for name, layer in _lora_layers(model):
+        base = layer.base_layer
+        if not isinstance(base, Float8FrozenLinear):
+            continue
+        if base.host_weight is None:
+            raise ValueError(
+                f"train.fp8: {name} kept no bf16 copy of its base weight, so the adapter cannot "
+                "be merged into it at full precision"
+            )
+        linear = torch.nn.Linear(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device="meta",
+        )
+        linear.weight = torch.nn.Parameter(
+            base.host_weight.to(base.weight_bits.device), requires_grad=False
+        )
+        linear.bias = base.bias
+        layer.base_layer = linear
+        restored += 1
+    return restored
+
+
+def check_fp8_training_device() -> None:
+    """Raise a ValueError naming train.fp8 unless a CUDA GPU of compute capability >= 8.9 is here."""
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "train.fp8 needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, L4, "
+            "L40S); this process has no CUDA device. Set train.fp8: false."
+        )
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 9):
+        raise ValueError(
+            f"train.fp8 needs compute capability 8.9 or newer; {torch.cuda.get_device_name()} "
+            f"has {capability[0]}.{capability[1]}. Set train.fp8: false on this GPU."
+        )
