@@ -26,7 +26,6 @@ into float8 weights would lose precision.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -49,10 +48,18 @@ def _quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return (t.float() / scale).clamp(-fp8_max, fp8_max).to(dtype), scale
 
 
-@functools.cache
+_quantize_compiled: Any = None
+
+
 def _compiled_quantize() -> Any:
-    # On CUDA the abs/amax/divide/cast run as one or two fused kernels instead of six.
-    return torch.compile(_quantize, dynamic=True)
+    """_quantize under torch.compile: on CUDA its abs/amax/divide/cast run as one or two fused
+    kernels instead of six. Made when layers are converted (outside any traced region: a wrapper
+    first made inside code that Unsloth's own compiled blocks trace would be traced as well), and
+    not at import, which would import torch._dynamo (~2 s) for every user of this module."""
+    global _quantize_compiled
+    if _quantize_compiled is None:
+        _quantize_compiled = torch.compile(_quantize, dynamic=True)
+    return _quantize_compiled
 
 
 def quantize_activation(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +160,7 @@ def convert_lora_base_layers_to_fp8(model: Any, keep_bf16_on_host: bool = False)
     Eligible: a plain torch Linear (not bitsandbytes'), frozen, with both dimensions multiples
     of 16. The others stay as they are, counted in one log line with the reasons.
     """
+    _compiled_quantize()
     converted, skipped = 0, {}
     for name, layer in _lora_layers(model):
         base = layer.base_layer
