@@ -233,3 +233,37 @@ def test_the_train_stage_on_a_machine_without_a_float8_gpu_names_the_setting(
         pytest.skip("this machine has a CUDA GPU; the GPU test covers the stage there")
     with pytest.raises(ValueError, match=r"train\.fp8 needs a CUDA GPU"):
         logged_training_run(tiny_qwen2_vl, "fp8", rows=2, train={"fp8": True, "max_steps": 1})
+
+
+def test_the_merged_model_saved_after_fp8_training_is_merged_into_the_original_weights(
+    tiny_qwen2_vl: Path, tiny_train_spec, tmp_path: Path
+):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_ray import layout
+    from vlm_ray.storage import LocalStore
+    from vlm_ray.train.hf_engine import save_hf_model
+
+    trained, reference = _lora_model(tiny_qwen2_vl), _lora_model(tiny_qwen2_vl)
+    for model in (trained, reference):  # the same non-zero adapter, as if trained
+        torch.manual_seed(3)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    convert_lora_base_layers_to_fp8(trained, keep_bf16_on_host=True)
+    spec = tiny_train_spec(
+        tiny_qwen2_vl, tmp_path / "run", train={"fp8": True}, save={"merged_16bit": True}
+    )
+    store = LocalStore(tmp_path / "run")
+
+    out = save_hf_model(
+        spec, store, tmp_path / "work", trained, AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    )
+
+    assert out["merged_uri"] == store.uri_of(layout.MERGED)
+    merged = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "run" / layout.MERGED, dtype=torch.bfloat16
+    ).state_dict()
+    expected = reference.merge_and_unload().to(torch.bfloat16).state_dict()
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
