@@ -5,8 +5,8 @@ One row per distinct linear shape of Qwen2-VL-7B (language: q, k/v, o, gate/up, 
 tower: qkv, proj, fc1, fc2), each timed as the step runs it: the forward (with
 use_gradient_checkpointing it runs twice; the bench counts it once) and the gradient with
 respect to the input (no weight gradient: the weight is frozen). "bf16" is nn.Linear as PEFT's
-base layer runs it; "fp8" is vlm_ray's Float8FrozenLinear, with its activation and gradient
-quantization included. A last row adds the shapes up by how often a step runs them
+base layer runs it; "fp8 row" and "fp8 tensor" are vlm_ray's Float8FrozenLinear with per-token
+and per-tensor activation scales (train.fp8_scaling), their quantization included. A last row adds the shapes up by how often a step runs them
 (28 language layers, 32 vision blocks), the part of the step this setting can change.
 
     python bench/fp8_frozen_linear.py --out $R/fp8_frozen_linear.jsonl     # GPU, ~1 minute
@@ -46,7 +46,7 @@ def _step(layer, x, grad):
 
 
 def measure(a: argparse.Namespace) -> list[dict]:
-    """One row per shape (bf16 ms, fp8 ms, ratio) and the step total; errors for no CUDA GPU."""
+    """One row per shape (bf16 and both float8 scalings: ms and ratios) and the step total."""
     import torch
 
     from bench.kernel_rows import wall_ms
@@ -63,7 +63,8 @@ def measure(a: argparse.Namespace) -> list[dict]:
         "date": time.strftime("%Y-%m-%d"),
     }
     torch.manual_seed(0)
-    rows, total_bf16, total_fp8 = [], 0.0, 0.0
+    rows: list[dict] = []
+    totals: dict[str, float] = {}
     for name, d_in, d_out, per_layer, layers, per_sample in _SHAPES_7B:
         d_in, d_out = max(16, d_in // a.scale), max(16, d_out // a.scale)
         tokens = a.batch * per_sample
@@ -71,10 +72,13 @@ def measure(a: argparse.Namespace) -> list[dict]:
         linear.weight.data.mul_(d_in**-0.5).requires_grad_(False)
         x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16)
-        bf16 = wall_ms(_step(linear, x, grad), a.iters, device)
-        fp8 = wall_ms(_step(Float8FrozenLinear(linear), x, grad), a.iters, device)
         times = per_layer * layers
-        total_bf16, total_fp8 = total_bf16 + bf16 * times, total_fp8 + fp8 * times
+        ms = {"bf16": wall_ms(_step(linear, x, grad), a.iters, device)}
+        for scaling in ("row", "tensor"):
+            layer = Float8FrozenLinear(linear, scaling)
+            ms[f"fp8_{scaling}"] = wall_ms(_step(layer, x, grad), a.iters, device)
+        for k, v in ms.items():
+            totals[k] = totals.get(k, 0.0) + v * times
         rows.append(
             {
                 **common,
@@ -83,38 +87,39 @@ def measure(a: argparse.Namespace) -> list[dict]:
                 "out": d_out,
                 "tokens": tokens,
                 "per_step": times,
-                "bf16_ms": round(bf16, 3),
-                "fp8_ms": round(fp8, 3),
-                "speedup": round(bf16 / fp8, 3),
+                **_columns(ms, 3),
             }
         )
         del linear, x, grad
-    rows.append(
-        {
-            **common,
-            "row": "step total (base GEMMs, forward once + input gradient)",
-            "bf16_ms": round(total_bf16, 1),
-            "fp8_ms": round(total_fp8, 1),
-            "speedup": round(total_bf16 / total_fp8, 3),
-        }
-    )
+    total_row = "step total (base GEMMs, forward once + input gradient)"
+    rows.append({**common, "row": total_row, **_columns(totals, 1)})
     return rows
 
 
+def _columns(ms: dict[str, float], digits: int) -> dict:
+    """bf16_ms, fp8_row_ms, fp8_tensor_ms and the speedups bf16 / fp8 of each scaling."""
+    out = {f"{k}_ms": round(v, digits) for k, v in ms.items()}
+    for scaling in ("row", "tensor"):
+        out[f"speedup_{scaling}"] = round(ms["bf16"] / ms[f"fp8_{scaling}"], 3)
+    return out
+
+
 def table(rows: list[dict]) -> str:
-    """A markdown table: ms per call for each shape, and the step total."""
+    """A markdown table: ms per call for each shape and way, and the step total."""
     lines = [
-        "| shape | in x out | tokens | per step | bf16 ms | fp8 ms | bf16/fp8 |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | in x out | tokens | per step | bf16 ms | fp8 row ms | fp8 tensor ms "
+        "| bf16/fp8 row | bf16/fp8 tensor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['row']} | {r['error']} | | | | | | | |")
             continue
         dims = f"{r['in']} x {r['out']}" if "in" in r else ""
         lines.append(
             f"| {r['row']} | {dims} | {r.get('tokens', '')} | {r.get('per_step', '')} "
-            f"| {r['bf16_ms']} | {r['fp8_ms']} | {r['speedup']} |"
+            f"| {r['bf16_ms']} | {r['fp8_row_ms']} | {r['fp8_tensor_ms']} "
+            f"| {r['speedup_row']} | {r['speedup_tensor']} |"
         )
     return "\n".join(lines)
 

@@ -44,7 +44,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
 
 
-def test_values_float8_holds_multiply_exactly_forward_and_backward():
+@pytest.mark.parametrize("scaling", ["row", "tensor"])
+def test_values_float8_holds_multiply_exactly_forward_and_backward(scaling: str):
     # Small integers are exact in e4m3 and e5m2 after power-of-two scaling (and their sums in
     # float32), so any mistake in scales, transposes or layouts shows as a difference, not as
     # rounding.
@@ -55,7 +56,7 @@ def test_values_float8_holds_multiply_exactly_forward_and_backward():
     x = torch.randint(-5, 6, (3, 7, 64), generator=g).to(torch.float32)
     grad = torch.randint(-4, 5, (3, 7, 48), generator=g).to(torch.float32)
 
-    out, grad_x = _output_and_input_grad(Float8FrozenLinear(reference), x, grad)
+    out, grad_x = _output_and_input_grad(Float8FrozenLinear(reference, scaling), x, grad)
     ref_out, ref_grad_x = _output_and_input_grad(reference, x, grad)
 
     assert out.dtype == torch.float32 and out.shape == (3, 7, 48)
@@ -63,18 +64,37 @@ def test_values_float8_holds_multiply_exactly_forward_and_backward():
     assert torch.equal(grad_x, ref_grad_x)
 
 
-def test_random_values_come_out_close_to_bf16_but_not_equal():
+@pytest.mark.parametrize("scaling", ["row", "tensor"])
+def test_random_values_come_out_close_to_bf16_but_not_equal(scaling: str):
     g = torch.Generator().manual_seed(1)
     reference = _frozen_linear(torch.randn(96, 128, generator=g).to(torch.bfloat16) * 0.05)
     x = torch.randn(40, 128, generator=g).to(torch.bfloat16)
     grad = torch.randn(40, 96, generator=g).to(torch.bfloat16)
 
-    out, grad_x = _output_and_input_grad(Float8FrozenLinear(reference), x, grad)
+    out, grad_x = _output_and_input_grad(Float8FrozenLinear(reference, scaling), x, grad)
     ref_out, ref_grad_x = _output_and_input_grad(reference, x, grad)
 
     assert _cosine(out, ref_out) > 0.998
     assert _cosine(grad_x, ref_grad_x) > 0.995
     assert not torch.equal(out, ref_out)  # it really multiplied in float8
+
+
+def test_per_token_scales_keep_ordinary_tokens_precise_beside_an_outlier_token():
+    # One token 30,000 times larger than the rest (the "massive activations" of LLMs reach
+    # such ratios): with one scale for the tensor the ordinary tokens fall toward float8's
+    # subnormals and lose precision; with one scale per token they keep it.
+    g = torch.Generator().manual_seed(4)
+    reference = _frozen_linear(torch.randn(64, 128, generator=g) * 0.05)
+    x = torch.randn(32, 128, generator=g) * 0.02
+    x[0] *= 30_000
+    ref = reference(x)[1:]
+
+    def error(scaling: str) -> float:
+        out = Float8FrozenLinear(reference, scaling)(x)[1:]
+        return ((out - ref).norm() / ref.norm()).item()
+
+    assert error("row") < 0.05
+    assert error("tensor") > 2.5 * error("row")
 
 
 def test_the_weight_takes_one_byte_gets_no_gradient_and_survives_a_dtype_cast():

@@ -21,7 +21,10 @@ def float8_gpu() -> None:
         pytest.skip("needs a CUDA GPU of compute capability 8.9+")
 
 
-def test_at_a_7b_shape_the_float8_layer_is_close_to_bf16_in_half_the_memory(float8_gpu) -> None:
+@pytest.mark.parametrize("scaling", ["row", "tensor"])
+def test_at_a_7b_shape_the_float8_layer_is_close_to_bf16_in_half_the_memory(
+    scaling: str, float8_gpu
+) -> None:
     import torch
 
     from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear, _quantize, quantize_activation
@@ -31,14 +34,16 @@ def test_at_a_7b_shape_the_float8_layer_is_close_to_bf16_in_half_the_memory(floa
     linear.requires_grad_(False)
     x = torch.randn(1280, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(1280, 18944, device="cuda", dtype=torch.bfloat16)
+    rowwise = scaling == "row"
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        compiled, eager = quantize_activation(x.detach(), dtype), _quantize(x.detach(), dtype)
+        compiled = quantize_activation(x.detach(), dtype, rowwise)
+        eager = _quantize(x.detach(), dtype, rowwise)
         assert torch.equal(compiled[1], eager[1])
         assert torch.equal(compiled[0].view(torch.uint8), eager[0].view(torch.uint8))
 
     ref = linear(x)
     (ref_grad_x,) = torch.autograd.grad(ref, x, grad)
-    layer = Float8FrozenLinear(linear)
+    layer = Float8FrozenLinear(linear, scaling)
     weight_bytes = linear.weight.numel() * linear.weight.element_size()
     before = torch.cuda.memory_allocated()
     del linear  # its bf16 weight is gone; the layer keeps only the float8 bits
@@ -61,9 +66,14 @@ def test_the_train_stage_trains_close_to_bf16_with_float8_base_layers(
     train = {"engine": engine, "max_steps": 3, "per_device_train_batch_size": 2}
     plain, plain_losses = logged_training_run(tiny_qwen2_vl, "plain", 8, train)
     fp8, fp8_losses = logged_training_run(tiny_qwen2_vl, "fp8", 8, {**train, "fp8": True})
+    tensorwise, tensorwise_losses = logged_training_run(
+        tiny_qwen2_vl, "fp8_tensor", 8, {**train, "fp8": True, "fp8_scaling": "tensor"}
+    )
 
     assert plain["fp8_base_layers"] == 0
     assert fp8["engine"] == engine and fp8["fp8_base_layers"] > 0
     assert len(fp8_losses) == len(plain_losses) == 3
     assert fp8_losses != plain_losses  # float8 rounding changes the numbers a little
     assert fp8_losses == pytest.approx(plain_losses, rel=2e-2)
+    assert tensorwise["fp8_base_layers"] == fp8["fp8_base_layers"]
+    assert tensorwise_losses == pytest.approx(plain_losses, rel=2e-2)

@@ -376,6 +376,15 @@ class TrainSpec(_Section):
             "the merge. Unmeasured on a GPU so far."
         ),
     )
+    fp8_scaling: Literal["row", "tensor"] = Field(
+        "row",
+        description=(
+            "With train.fp8: how activations and gradients are scaled to float8: 'row' one "
+            "scale per token (robust to a few outlier tokens), 'tensor' one per tensor (a "
+            "cheaper GEMM kernel; outliers cost the other values precision). The frozen "
+            "weights have one scale per tensor either way."
+        ),
+    )
     loss_chunks: int | None = Field(
         None,
         ge=1,

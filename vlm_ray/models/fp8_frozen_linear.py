@@ -8,15 +8,19 @@ norms and the output head stay in bf16.
 
 How: each LoRA layer's base nn.Linear is replaced by a Float8FrozenLinear holding its weight in
 float8 (e4m3, one scale for the tensor, quantized once: the weight never changes). Per call, the
-input is quantized with one scale (e4m3) and multiplied with torch._scaled_mm; in the backward the
-output gradient (e5m2, for its range) is multiplied with the weight's transpose. No weight
-gradient is computed: the weight is frozen.
+input is quantized to e4m3 and multiplied with torch._scaled_mm; in the backward the output
+gradient (e5m2, for its range) is multiplied with the weight's transpose. No weight gradient is
+computed: the weight is frozen. Activations and gradients get one scale per token by default
+(train.fp8_scaling "row"): with one scale per tensor, one outlier token pushes every other
+value toward float8's subnormals (a token 30,000 times the others tripled the rest's error in
+the CPU test; per token it did not change). "tensor" is the cheaper kernel (cuBLAS rather than
+CUTLASS's rowwise one) for those who measure it to be enough.
 
 Why not torchao's float8 training (convert_to_float8_training): its Float8Linear re-quantizes the
 weight on every call and computes the weight gradient unconditionally (torchao 0.18,
 float8/float8_linear.py, backward), a third of a frozen layer's GEMM work spent on a gradient
-nobody reads. Scales are rounded down to powers of two (as torchao's round_scales_to_power_of_2),
-so quantizing is exact for values float8 can hold.
+nobody reads. Scales are powers of two (as with torchao's round_scales_to_power_of_2), so
+quantizing is exact for values float8 can hold.
 
 The weight is stored as uint8 bits (viewed as float8 when used), so a model-wide
 `.to(torch.bfloat16)` cannot silently cast it. `keep_bf16_on_host` keeps the original weight
@@ -27,7 +31,7 @@ into float8 weights would lose precision.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,11 +43,14 @@ E5M2 = torch.float8_e5m2
 _ALIGN = 16
 
 
-def _quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t / scale in `dtype`, scale): one power-of-two scale for the whole tensor."""
+def _quantize(
+    t: torch.Tensor, dtype: torch.dtype, rowwise: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / scale in `dtype`, scale): power-of-two scales, one for the whole 2-D tensor, or with
+    `rowwise` one per row (shape (rows, 1))."""
     fp8_max = torch.finfo(dtype).max
-    amax = t.abs().amax().float()
-    # Smallest power of two with |t| / scale <= fp8_max; a zero tensor gets scale 2**-126.
+    amax = (t.abs().amax(dim=-1, keepdim=True) if rowwise else t.abs().amax()).float()
+    # Smallest power of two with |t| / scale <= fp8_max; a row of zeros gets scale 2**-126.
     scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / fp8_max, min=2.0**-126))))
     return (t.float() / scale).clamp(-fp8_max, fp8_max).to(dtype), scale
 
@@ -62,51 +69,78 @@ def _compiled_quantize() -> Any:
     return _quantize_compiled
 
 
-def quantize_activation(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation(
+    t: torch.Tensor, dtype: torch.dtype, rowwise: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """_quantize, compiled on CUDA (eager elsewhere: CPU compilation needs a C++ toolchain)."""
-    return (_compiled_quantize() if t.is_cuda else _quantize)(t.contiguous(), dtype)
+    return (_compiled_quantize() if t.is_cuda else _quantize)(t.contiguous(), dtype, rowwise)
+
+
+def _scaled_mm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    fast_accum: bool,
+) -> torch.Tensor:
+    """a @ b in float8; with a per-row a_scale, the weight's one scale is spread over b's
+    columns, as the rowwise kernel wants (scales (M, 1) and (1, N))."""
+    if a_scale.dim() == 2:
+        b_scale = b_scale.reshape(1, 1).expand(1, b.shape[1]).contiguous()
+    return torch._scaled_mm(
+        a, b, scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype, use_fast_accum=fast_accum
+    )
 
 
 class _Float8FrozenMatmul(torch.autograd.Function):
     """x @ W.T with W frozen in float8: float8 forward and input gradient, no weight gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> Any:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, rowwise: bool
+    ) -> Any:
         ctx.save_for_backward(weight, scale)
-        rows = x.reshape(-1, x.shape[-1])
-        xq, x_scale = quantize_activation(rows, E4M3)
-        out = torch._scaled_mm(
-            xq,
-            weight.t(),  # (in, out), column-major: what _scaled_mm wants on the right
-            scale_a=x_scale,
-            scale_b=scale,
-            out_dtype=x.dtype,
-            use_fast_accum=True,  # torchao's choice for the forward GEMM
-        )
+        ctx.rowwise = rowwise
+        xq, x_scale = quantize_activation(x.reshape(-1, x.shape[-1]), E4M3, rowwise)
+        # weight.t(): (in, out), column-major, what _scaled_mm wants on the right; fast
+        # accumulation in the forward only, as torchao's float8 training does.
+        out = _scaled_mm(xq, x_scale, weight.t(), scale, x.dtype, fast_accum=True)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         weight, scale = ctx.saved_tensors
         rows = grad_out.reshape(-1, grad_out.shape[-1])
-        gq, g_scale = quantize_activation(rows, E5M2)
+        gq, g_scale = quantize_activation(rows, E5M2, ctx.rowwise)
         # (out, in) column-major for the right operand: a transposed copy, one byte per weight,
         # made here rather than kept (it would double the weights' memory).
         weight_cm = weight.t().contiguous().t()
-        grad_x = torch._scaled_mm(
-            gq, weight_cm, scale_a=g_scale, scale_b=scale, out_dtype=grad_out.dtype
-        )
-        return grad_x.reshape(*grad_out.shape[:-1], weight.shape[1]), None, None
+        grad_x = _scaled_mm(gq, g_scale, weight_cm, scale, grad_out.dtype, fast_accum=False)
+        return grad_x.reshape(*grad_out.shape[:-1], weight.shape[1]), None, None, None
+
+
+Fp8Scaling = Literal["row", "tensor"]
 
 
 class Float8FrozenLinear(torch.nn.Module):
-    """A frozen nn.Linear whose GEMMs run in float8 (see the module docstring)."""
+    """A frozen nn.Linear whose GEMMs run in float8 (see the module docstring).
 
-    def __init__(self, linear: torch.nn.Linear, keep_bf16_on_host: bool = False) -> None:
+    The weight has one scale; activations and output gradients get one per row (token) with
+    scaling "row", or one per tensor with "tensor".
+    """
+
+    def __init__(
+        self,
+        linear: torch.nn.Linear,
+        scaling: Fp8Scaling = "row",
+        keep_bf16_on_host: bool = False,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.rowwise = scaling == "row"
         with torch.no_grad():
             q, scale = _quantize(linear.weight.detach(), E4M3)
         # uint8 bits, not a float8 tensor: Module.to(dtype) casts floating tensors, not these.
@@ -125,7 +159,7 @@ class Float8FrozenLinear(torch.nn.Module):
         return self.weight_bits.view(E4M3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _Float8FrozenMatmul.apply(x, self.weight, self.weight_scale.float())
+        out = _Float8FrozenMatmul.apply(x, self.weight, self.weight_scale.float(), self.rowwise)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -133,7 +167,8 @@ class Float8FrozenLinear(torch.nn.Module):
         return (self.weight.float() * self.weight_scale.float()).to(self.original_dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3"
+        scaling = "row" if self.rowwise else "tensor"
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8 {scaling}"
 
 
 def _lora_layers(model: Any) -> list[tuple[str, Any]]:
@@ -154,7 +189,9 @@ def _why_not(base: Any) -> str | None:
     return None
 
 
-def convert_lora_base_layers_to_fp8(model: Any, keep_bf16_on_host: bool = False) -> int:
+def convert_lora_base_layers_to_fp8(
+    model: Any, scaling: Fp8Scaling = "row", keep_bf16_on_host: bool = False
+) -> int:
     """Replace every eligible LoRA layer's frozen base nn.Linear by a Float8FrozenLinear; how many.
 
     Eligible: a plain torch Linear (not bitsandbytes'), frozen, with both dimensions multiples
@@ -168,7 +205,7 @@ def convert_lora_base_layers_to_fp8(model: Any, keep_bf16_on_host: bool = False)
         if why is not None:
             skipped.setdefault(why, []).append(name)
             continue
-        layer.base_layer = Float8FrozenLinear(base, keep_bf16_on_host=keep_bf16_on_host)
+        layer.base_layer = Float8FrozenLinear(base, scaling, keep_bf16_on_host)
         converted += 1
     for why, names in skipped.items():
         log.warning(
@@ -178,7 +215,11 @@ def convert_lora_base_layers_to_fp8(model: Any, keep_bf16_on_host: bool = False)
             why,
             names[0],
         )
-    log.info("train.fp8: %d LoRA base layers run as float8 GEMMs", converted)
+    log.info(
+        "train.fp8: %d LoRA base layers run as float8 GEMMs (per-%s activation scales)",
+        converted,
+        scaling,
+    )
     return converted
 
 

@@ -133,7 +133,9 @@ def load_hf_model(spec: JobSpec, model_path: str, family: Family) -> tuple[Any, 
         model = apply_lora(model, spec.lora, family)
         if spec.train.fp8:
             check_fp8_training_device()
-            convert_lora_base_layers_to_fp8(model, keep_bf16_on_host=spec.save.merged_16bit)
+            convert_lora_base_layers_to_fp8(
+                model, spec.train.fp8_scaling, keep_bf16_on_host=spec.save.merged_16bit
+            )
     enable_batched_rope_index(model)
     enable_packed_vision_attention(model)  # one attention call per vision layer, not per image
     return model, processor, why
