@@ -86,11 +86,15 @@ def _scaled_mm(
 ) -> torch.Tensor:
     """a @ b in float8; with a per-row a_scale, the weight's one scale is spread over b's
     columns, as the rowwise kernel wants (scales (M, 1) and (1, N))."""
+    mm_dtype = out_dtype
     if a_scale.dim() == 2:
         b_scale = b_scale.reshape(1, 1).expand(1, b.shape[1]).contiguous()
-    return torch._scaled_mm(
-        a, b, scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype, use_fast_accum=fast_accum
+        if a.is_cuda:
+            mm_dtype = torch.bfloat16  # CUDA's rowwise kernel writes bf16 only
+    out = torch._scaled_mm(
+        a, b, scale_a=a_scale, scale_b=b_scale, out_dtype=mm_dtype, use_fast_accum=fast_accum
     )
+    return out if mm_dtype == out_dtype else out.to(out_dtype)
 
 
 class _Float8FrozenMatmul(torch.autograd.Function):
