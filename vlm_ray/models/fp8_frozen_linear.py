@@ -151,7 +151,6 @@ class Float8FrozenLinear(torch.nn.Module):
         self.register_buffer("weight_bits", q.view(torch.uint8))
         self.register_buffer("weight_scale", scale.reshape(()))
         self.bias = linear.bias  # kept as it was (trainable under lora.bias "all")
-        self.original_dtype = linear.weight.dtype
         # Not a buffer: it stays in host memory through .to("cuda"), and out of state_dict.
         self.host_weight = (
             linear.weight.detach().to("cpu", copy=True) if keep_bf16_on_host else None
@@ -165,10 +164,6 @@ class Float8FrozenLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _Float8FrozenMatmul.apply(x, self.weight, self.weight_scale.float(), self.rowwise)
         return out if self.bias is None else out + self.bias.to(out.dtype)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The weight as the GEMMs see it, in the original dtype."""
-        return (self.weight.float() * self.weight_scale.float()).to(self.original_dtype)
 
     def extra_repr(self) -> str:
         scaling = "row" if self.rowwise else "tensor"
@@ -213,9 +208,8 @@ def convert_lora_base_layers_to_fp8(
         converted += 1
     for why, names in skipped.items():
         log.warning(
-            "train.fp8: %d LoRA layers stay in %s because %s (e.g. %s)",
+            "train.fp8: %d LoRA layers keep their base precision: %s (e.g. %s)",
             len(names),
-            "their own precision",
             why,
             names[0],
         )
