@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 import torch
 
+from vlm_ray.models.fp8_linear import require_float8_gpu
+
 log = logging.getLogger(__name__)
 
 E4M3 = torch.float8_e4m3fn
@@ -259,14 +261,4 @@ def restore_bf16_base_layers(model: Any) -> int:
 
 def check_fp8_training_device() -> None:
     """Raise a ValueError naming train.fp8 unless a CUDA GPU of compute capability >= 8.9 is here."""
-    if not torch.cuda.is_available():
-        raise ValueError(
-            "train.fp8 needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, L4, "
-            "L40S); this process has no CUDA device. Set train.fp8: false."
-        )
-    capability = torch.cuda.get_device_capability()
-    if capability < (8, 9):
-        raise ValueError(
-            f"train.fp8 needs compute capability 8.9 or newer; {torch.cuda.get_device_name()} "
-            f"has {capability[0]}.{capability[1]}. Set train.fp8: false on this GPU."
-        )
+    require_float8_gpu("train.fp8", "Set train.fp8: false")

@@ -54,22 +54,27 @@ def fp8_target_linears(model: Any, scope: Fp8Scope) -> list[str]:
     return names
 
 
-def check_fp8_device(scope: str) -> None:
-    """Raise a ValueError naming infer.fp8 unless this process has a CUDA GPU that runs float8 GEMMs."""
+def require_float8_gpu(setting: str, turn_off: str) -> None:
+    """Raise a ValueError naming `setting` unless this process has a CUDA GPU that runs float8
+    GEMMs (compute capability 8.9 or newer); the message ends with `turn_off`, the way out."""
     import torch
 
     if not torch.cuda.is_available():
         raise ValueError(
-            f"infer.fp8: {scope!r} needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, "
-            "L4, L40S); this process has no CUDA device. Set infer.fp8: off for CPU inference."
+            f"{setting} needs a CUDA GPU of compute capability 8.9 or newer (H100, H200, L4, "
+            f"L40S); this process has no CUDA device. {turn_off}."
         )
     capability = torch.cuda.get_device_capability()
     if capability < (8, 9):
         raise ValueError(
-            f"infer.fp8: {scope!r} needs compute capability 8.9 or newer; "
-            f"{torch.cuda.get_device_name()} has {capability[0]}.{capability[1]}. "
-            "Set infer.fp8: off on this GPU."
+            f"{setting} needs compute capability 8.9 or newer; {torch.cuda.get_device_name()} "
+            f"has {capability[0]}.{capability[1]}. {turn_off} on this GPU."
         )
+
+
+def check_fp8_device(scope: str) -> None:
+    """Raise a ValueError naming infer.fp8 unless this process has a CUDA GPU that runs float8 GEMMs."""
+    require_float8_gpu(f"infer.fp8: {scope!r}", "Set infer.fp8: off")
 
 
 def quantize_linears_to_fp8(model: Any, scope: Fp8Scope, scaling: Fp8Scaling = "row") -> int:
