@@ -19,6 +19,7 @@ from vlm_ray.models.fp8_frozen_linear import (
     Float8FrozenLinear,
     convert_lora_base_layers_to_fp8,
     fp8_layer_count,
+    fp8_weight_count,
     restore_bf16_base_layers,
 )
 
@@ -177,10 +178,13 @@ def test_a_lora_model_trains_close_to_bf16_with_every_aligned_base_layer_in_floa
     reference, converted = _lora_model(tiny_qwen2_vl), _lora_model(tiny_qwen2_vl)
     lora_layers = [m for m in converted.modules() if hasattr(m, "lora_A")]
 
+    weights = sum(p.numel() for p in converted.parameters())
     count = convert_lora_base_layers_to_fp8(converted)
 
     aligned = [m for m in lora_layers if m.in_features % 16 == 0 and m.out_features % 16 == 0]
     assert count == len(aligned) == fp8_layer_count(converted) > 0
+    # the converted weights left the parameters for buffers; together they are what they were
+    assert sum(p.numel() for p in converted.parameters()) + fp8_weight_count(converted) == weights
     batch = _batch(tiny_qwen2_vl)
     ref_loss, ref_grads = _loss_and_lora_grads(reference, batch)
     loss, grads = _loss_and_lora_grads(converted, batch)

@@ -228,6 +228,11 @@ def fp8_layer_count(model: Any) -> int:
     return sum(isinstance(m, Float8FrozenLinear) for m in model.modules())
 
 
+def fp8_weight_count(model: Any) -> int:
+    """How many weights the model's Float8FrozenLinear layers hold (buffers, not parameters)."""
+    return sum(m.weight_bits.numel() for m in model.modules() if isinstance(m, Float8FrozenLinear))
+
+
 def restore_bf16_base_layers(model: Any) -> int:
     """Put the original base nn.Linear back wherever a host copy was kept; how many.
 

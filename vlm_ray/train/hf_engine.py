@@ -25,6 +25,7 @@ from vlm_ray.models.fp8_frozen_linear import (
     check_fp8_training_device,
     convert_lora_base_layers_to_fp8,
     fp8_layer_count,
+    fp8_weight_count,
 )
 from vlm_ray.models.host_input_embedding import (
     host_embedding_counts,
@@ -167,7 +168,8 @@ def train_hf(
     model, processor, precision = load_hf_model(spec, model_path, family)
     _, bf16, fp16, _ = choose_precision(spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # train.fp8 keeps frozen base weights as buffers (uint8 bits), not parameters: count them too
+    total = sum(p.numel() for p in model.parameters()) + fp8_weight_count(model)
     log.info(
         "train[hf]: start model=%s family=%s %s threads=%d trainable=%d/%d (%s) run=%s",
         spec.model.name,
