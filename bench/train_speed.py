@@ -706,6 +706,9 @@ def mode_stage(a, model_dir: Path) -> dict:
                     else {}
                 ),
                 "peak_gib": summary["peak_gpu_memory_gib"],
+                # the mean loss over every step: runs of one shape see the same batches, so it
+                # compares numerics (train.fp8 against bf16), not only speed
+                "train_loss": summary["train_loss"],
                 # train.host_input_embedding: proof the rows came with the batch in every step;
                 # train.fp8: how many base layers ran as float8 GEMMs
                 **{
