@@ -289,6 +289,87 @@ def logged_training_run(write_prepared, tiny_train_spec, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def lora_model():
+    """lora_model(model_dir, dtype=None, **lora) -> a PEFT model: LoRA r=4 on every linear layer
+    of the model in model_dir (`lora`: other or more LoraConfig keys), its adapter drawn from
+    seed 0, so two calls give the same model."""
+
+    def make(model_dir: Path, dtype=None, **lora):
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForImageTextToText
+
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_dir, **({"dtype": dtype} if dtype is not None else {})
+        )
+        config = LoraConfig(**{"r": 4, "target_modules": "all-linear", **lora})
+        return get_peft_model(model, config)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sft_collator():
+    """sft_collator(model_dir, dtype=None) -> the project's VisionSFTCollator for that model
+    (responses only, 256 tokens at most); `dtype` is the pixel values' dtype."""
+
+    def make(model_dir: Path, dtype=None):
+        from transformers import AutoProcessor
+
+        from vlm_ray.models.families import family_of
+        from vlm_ray.train.collator import VisionSFTCollator
+
+        return VisionSFTCollator(
+            AutoProcessor.from_pretrained(model_dir),
+            family_of(model_dir),
+            train_on_responses_only=True,
+            max_seq_length=256,
+            dtype=dtype,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def two_sft_examples():
+    """two_sft_examples() -> two fresh chat rows for a collator, images of two sizes."""
+
+    def make() -> list[dict]:
+        from PIL import Image
+
+        rows = []
+        for i, size in enumerate([(56, 56), (84, 56)]):
+            image = Image.new("RGB", size, (40 * i, 200, 90))
+            messages = [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Read it."}, {"type": "image"}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": str(100 + i)}]},
+            ]
+            rows.append({"id": f"r{i}", "messages": messages, "images": [image]})
+        return rows
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def loss_and_lora_grads():
+    """loss_and_lora_grads(model, batch) -> (loss, {name: gradient}) of one forward + backward,
+    with every gradient the backward produced (under LoRA: the adapters')."""
+
+    def run(model, batch: dict):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def quick_demo_overrides(
     tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_vl: Path
 ) -> list[str]:

@@ -130,52 +130,11 @@ def test_a_trained_bias_gets_the_same_gradient_as_in_bf16():
     assert torch.equal(fp8_grad, reference.bias.grad)
 
 
-def _lora_model(path: Path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16)
-    return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-
-
-def _batch(path: Path) -> dict:
-    from PIL import Image
-    from transformers import AutoProcessor
-
-    from vlm_ray.models.families import family_of
-    from vlm_ray.train.collator import VisionSFTCollator
-
-    collator = VisionSFTCollator(
-        AutoProcessor.from_pretrained(path),
-        family_of(path),
-        train_on_responses_only=True,
-        max_seq_length=256,
-        dtype=torch.bfloat16,
-    )
-    rows = []
-    for i, size in enumerate([(56, 56), (84, 56)]):
-        messages = [
-            {"role": "user", "content": [{"type": "text", "text": "Read it."}, {"type": "image"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": str(100 + i)}]},
-        ]
-        image = Image.new("RGB", size, (40 * i, 200, 90))
-        rows.append({"id": f"r{i}", "messages": messages, "images": [image]})
-    return collator(rows)
-
-
-def _loss_and_lora_grads(model, batch: dict):
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
 def test_a_lora_model_trains_close_to_bf16_with_every_aligned_base_layer_in_float8(
-    tiny_qwen2_vl: Path,
+    tiny_qwen2_vl: Path, lora_model, sft_collator, two_sft_examples, loss_and_lora_grads
 ):
-    reference, converted = _lora_model(tiny_qwen2_vl), _lora_model(tiny_qwen2_vl)
+    bf16 = torch.bfloat16
+    reference, converted = lora_model(tiny_qwen2_vl, bf16), lora_model(tiny_qwen2_vl, bf16)
     lora_layers = [m for m in converted.modules() if hasattr(m, "lora_A")]
 
     weights = sum(p.numel() for p in converted.parameters())
@@ -185,9 +144,9 @@ def test_a_lora_model_trains_close_to_bf16_with_every_aligned_base_layer_in_floa
     assert count == len(aligned) == fp8_layer_count(converted) > 0
     # the converted weights left the parameters for buffers; together they are what they were
     assert sum(p.numel() for p in converted.parameters()) + fp8_weight_count(converted) == weights
-    batch = _batch(tiny_qwen2_vl)
-    ref_loss, ref_grads = _loss_and_lora_grads(reference, batch)
-    loss, grads = _loss_and_lora_grads(converted, batch)
+    batch = sft_collator(tiny_qwen2_vl, bf16)(two_sft_examples())
+    ref_loss, ref_grads = loss_and_lora_grads(reference, batch)
+    loss, grads = loss_and_lora_grads(converted, batch)
 
     assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) < 0.02 * ref_loss.item()
     assert grads.keys() == ref_grads.keys() and all("lora_" in n for n in grads)
@@ -213,9 +172,10 @@ def test_layers_that_cannot_run_in_float8_stay_and_a_warning_says_why(caplog):
 
 
 def test_a_merged_save_gets_the_original_weights_back_only_when_they_were_kept(
-    tiny_qwen2_vl: Path,
+    tiny_qwen2_vl: Path, lora_model
 ):
-    kept, dropped = _lora_model(tiny_qwen2_vl), _lora_model(tiny_qwen2_vl)
+    bf16 = torch.bfloat16
+    kept, dropped = lora_model(tiny_qwen2_vl, bf16), lora_model(tiny_qwen2_vl, bf16)
     originals = {n: p.detach().clone() for n, p in kept.named_parameters() if "base_layer" in n}
     converted = convert_lora_base_layers_to_fp8(kept, keep_bf16_on_host=True)
     convert_lora_base_layers_to_fp8(dropped)
@@ -260,7 +220,7 @@ def test_the_train_stage_on_a_machine_without_a_float8_gpu_names_the_setting(
 
 
 def test_the_merged_model_saved_after_fp8_training_is_merged_into_the_original_weights(
-    tiny_qwen2_vl: Path, tiny_train_spec, tmp_path: Path
+    tiny_qwen2_vl: Path, lora_model, tiny_train_spec, tmp_path: Path
 ):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -268,7 +228,8 @@ def test_the_merged_model_saved_after_fp8_training_is_merged_into_the_original_w
     from vlm_ray.storage import LocalStore
     from vlm_ray.train.hf_engine import save_hf_model
 
-    trained, reference = _lora_model(tiny_qwen2_vl), _lora_model(tiny_qwen2_vl)
+    bf16 = torch.bfloat16
+    trained, reference = lora_model(tiny_qwen2_vl, bf16), lora_model(tiny_qwen2_vl, bf16)
     for model in (trained, reference):  # the same non-zero adapter, as if trained
         torch.manual_seed(3)
         for name, p in model.named_parameters():

@@ -14,15 +14,6 @@ import torch
 from vlm_ray.models.fused_lora_mlp import enable_fused_lora_mlp
 
 
-def _lora_model(path: Path, **lora):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(path)
-    config = LoraConfig(r=4, target_modules="all-linear", **lora)
-    return get_peft_model(model, config)
-
-
 def _recording_forward(calls: list):
     def forward(self, x):
         calls.append(self)
@@ -31,8 +22,8 @@ def _recording_forward(calls: list):
     return forward
 
 
-def test_every_language_mlp_is_fused_and_no_vision_mlp(tiny_qwen2_vl: Path):
-    model = _lora_model(tiny_qwen2_vl)
+def test_every_language_mlp_is_fused_and_no_vision_mlp(tiny_qwen2_vl: Path, lora_model):
+    model = lora_model(tiny_qwen2_vl)
     text_layers = model.config.get_text_config().num_hidden_layers
     calls: list = []
 
@@ -43,8 +34,8 @@ def test_every_language_mlp_is_fused_and_no_vision_mlp(tiny_qwen2_vl: Path):
     assert all(".visual." not in name for name, m in model.named_modules() if m in calls)
 
 
-def test_patched_mlps_compute_what_they_computed_before(tiny_qwen2_vl: Path):
-    model = _lora_model(tiny_qwen2_vl).eval()
+def test_patched_mlps_compute_what_they_computed_before(tiny_qwen2_vl: Path, lora_model):
+    model = lora_model(tiny_qwen2_vl).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -56,12 +47,10 @@ def test_patched_mlps_compute_what_they_computed_before(tiny_qwen2_vl: Path):
 @pytest.mark.parametrize(
     "lora", [{"lora_dropout": 0.1}, {"target_modules": ["q_proj", "v_proj"]}], ids=str
 )
-def test_mlps_unsloth_s_kernel_cannot_take_are_left_alone(tiny_qwen2_vl: Path, lora: dict):
+def test_mlps_unsloth_s_kernel_cannot_take_are_left_alone(
+    tiny_qwen2_vl: Path, lora_model, lora: dict
+):
     """LoRA dropout (the kernel draws no masks) or no LoRA on the MLP: nothing is patched."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    base = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl)
-    model = get_peft_model(base, LoraConfig(r=4, **{"target_modules": "all-linear", **lora}))
+    model = lora_model(tiny_qwen2_vl, **lora)
 
     assert enable_fused_lora_mlp(model, _recording_forward([])) == 0

@@ -65,15 +65,10 @@ def test_cuda_graphs_with_every_language_layer_checkpointed_is_refused_naming_th
 
 
 @pytest.fixture(scope="module")
-def lora_model(tiny_qwen2_vl: Path):
+def lora_model_random_b(tiny_qwen2_vl: Path, lora_model):
     """The tiny Qwen2-VL with PEFT LoRA on every linear layer, LoRA B drawn at random (it starts
     at zero, which would leave every A's gradient zero)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    model = lora_model(tiny_qwen2_vl)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -96,30 +91,32 @@ def _loss_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss.detach(), grads
 
 
-def test_every_language_decoder_layer_is_wrapped_and_nothing_else(lora_model) -> None:
-    text_layers = lora_model.config.get_text_config().num_hidden_layers
-    layers = language_decoder_layers(lora_model)
+def test_every_language_decoder_layer_is_wrapped_and_nothing_else(lora_model_random_b) -> None:
+    text_layers = lora_model_random_b.config.get_text_config().num_hidden_layers
+    layers = language_decoder_layers(lora_model_random_b)
     assert len(layers) == text_layers
-    language = lora_model.base_model.model.model.language_model.layers
+    language = lora_model_random_b.base_model.model.model.language_model.layers
     assert all(a is b for a, b in zip(layers, language, strict=True))
 
-    loss_before, grads_before = _loss_and_grads(lora_model)
-    assert enable_graphed_decoder_layers(lora_model) == text_layers
-    assert enable_graphed_decoder_layers(lora_model) == 0  # a second call wraps nothing
+    loss_before, grads_before = _loss_and_grads(lora_model_random_b)
+    assert enable_graphed_decoder_layers(lora_model_random_b) == text_layers
+    assert enable_graphed_decoder_layers(lora_model_random_b) == 0  # a second call wraps nothing
     wrapped = {
-        name for name, m in lora_model.named_modules() if isinstance(m.forward, GraphedLayerForward)
+        name
+        for name, m in lora_model_random_b.named_modules()
+        if isinstance(m.forward, GraphedLayerForward)
     }
     assert len(wrapped) == text_layers
     assert not any(".visual." in name for name in wrapped)
 
     # Off CUDA every call runs the original forward: the same numbers, bit for bit.
-    loss_after, grads_after = _loss_and_grads(lora_model)
+    loss_after, grads_after = _loss_and_grads(lora_model_random_b)
     assert torch.equal(loss_before, loss_after)
     assert grads_before.keys() == grads_after.keys()
     assert any("language_model" in n and "lora_A" in n for n in grads_after)
     for name, g in grads_before.items():
         assert torch.equal(g, grads_after[name]), name
-    assert [f.captured for f in graphed_forwards(lora_model)] == [0] * text_layers
+    assert [f.captured for f in graphed_forwards(lora_model_random_b)] == [0] * text_layers
 
 
 def _call(hidden: torch.Tensor, mask: torch.Tensor | None = None, **kwargs):
@@ -158,14 +155,14 @@ def test_a_call_is_rebuilt_from_its_key_and_tensors() -> None:
     )
 
 
-def test_a_real_layer_call_flattened_to_tensors_computes_the_same(lora_model) -> None:
+def test_a_real_layer_call_flattened_to_tensors_computes_the_same(lora_model_random_b) -> None:
     """What a graph captures: the layer's forward over its call's tensors, rebuilt from the key
     (the arguments transformers really passes a Qwen2-VL decoder layer)."""
-    layer = language_decoder_layers(lora_model)[1]
+    layer = language_decoder_layers(lora_model_random_b)[1]
     calls = []
     hook = layer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
     try:
-        _loss_and_grads(lora_model)
+        _loss_and_grads(lora_model_random_b)
     finally:
         hook.remove()
     args, kwargs = calls[0]
@@ -186,8 +183,8 @@ def test_a_call_with_a_kv_cache_object_cannot_be_keyed() -> None:
     assert describe_call(*_call(torch.randn(2, 6, 64), past_key_values=DynamicCache())) is None
 
 
-def test_calls_that_stay_eager_say_why(lora_model) -> None:
-    layer = language_decoder_layers(lora_model)[0]
+def test_calls_that_stay_eager_say_why(lora_model_random_b) -> None:
+    layer = language_decoder_layers(lora_model_random_b)[0]
     args, kwargs = _call(torch.randn(2, 6, 64, requires_grad=True))
     layer.train()
     assert eager_reason(layer, args, kwargs) == "not on CUDA"
@@ -208,9 +205,9 @@ def test_calls_that_stay_eager_say_why(lora_model) -> None:
         layer.train()
 
 
-def test_a_call_inside_a_backward_pass_stays_eager(lora_model) -> None:
+def test_a_call_inside_a_backward_pass_stays_eager(lora_model_random_b) -> None:
     """A checkpoint recomputes its layers from inside the backward."""
-    layer = language_decoder_layers(lora_model)[0]
+    layer = language_decoder_layers(lora_model_random_b)[0]
     layer.train()
     args, kwargs = _call(torch.randn(2, 6, 64, requires_grad=True))
     seen = []

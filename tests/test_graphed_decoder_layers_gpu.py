@@ -33,14 +33,10 @@ def _randomize_lora_b(model) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator, device="cuda") * 0.05)
 
 
-def _peft_model(tiny: Path):
+def _peft_model(tiny: Path, lora_model):
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
 
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(tiny, dtype=torch.bfloat16).cuda()
-    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    model = lora_model(tiny, torch.bfloat16).cuda()
     _randomize_lora_b(model)
     return model
 
@@ -97,11 +93,11 @@ def _assert_same_training(eager: tuple[list, list], graphed: tuple[list, list]) 
 
 
 def test_graphed_layers_train_like_eager_with_peft_lora(
-    tiny_qwen2_vl: Path, caplog: pytest.LogCaptureFixture
+    tiny_qwen2_vl: Path, lora_model, caplog: pytest.LogCaptureFixture
 ) -> None:
     import torch
 
-    model = _peft_model(tiny_qwen2_vl)
+    model = _peft_model(tiny_qwen2_vl, lora_model)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     batches = _text_micro_batches()
     eager = _train(model, batches, use_cache=False)
@@ -123,9 +119,9 @@ def test_graphed_layers_train_like_eager_with_peft_lora(
 
 
 def test_layers_under_activation_checkpointing_stay_eager(
-    tiny_qwen2_vl: Path, caplog: pytest.LogCaptureFixture
+    tiny_qwen2_vl: Path, lora_model, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = _peft_model(tiny_qwen2_vl)
+    model = _peft_model(tiny_qwen2_vl, lora_model)
     # non-reentrant: the loss needs no input that requires grad (text only, all layers checkpointed)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     enable_graphed_decoder_layers(model)

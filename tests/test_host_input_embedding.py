@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from vlm_ray.config import parse_spec
-from vlm_ray.models.families import family_of
 from vlm_ray.models.host_input_embedding import (
     HOST_EMBEDS_KEY,
     HostEmbeddingCollator,
@@ -23,71 +22,32 @@ from vlm_ray.models.host_input_embedding import (
     with_host_embedding_lookup,
 )
 from vlm_ray.storage import LocalStore
-from vlm_ray.train.collator import VisionSFTCollator
 
 
-def _lora_model(path: Path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(path)
-    return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-
-
-def _batch_collator(path: Path) -> VisionSFTCollator:
-    from transformers import AutoProcessor
-
-    return VisionSFTCollator(
-        AutoProcessor.from_pretrained(path),
-        family_of(path),
-        train_on_responses_only=True,
-        max_seq_length=256,
-    )
-
-
-def _examples() -> list[dict]:
-    from PIL import Image
-
-    rows = []
-    for i, size in enumerate([(56, 56), (84, 56)]):
-        image = Image.new("RGB", size, (40 * i, 200, 90))
-        messages = [
-            {"role": "user", "content": [{"type": "text", "text": "Read it."}, {"type": "image"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": str(100 + i)}]},
-        ]
-        rows.append({"id": f"r{i}", "messages": messages, "images": [image]})
-    return rows
-
-
-def _loss_and_lora_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def test_rows_from_the_collator_train_exactly_as_the_table_on_the_model(untied_qwen2_vl: Path):
-    reference, moved = _lora_model(untied_qwen2_vl), _lora_model(untied_qwen2_vl)
-    collator = _batch_collator(untied_qwen2_vl)
+def test_rows_from_the_collator_train_exactly_as_the_table_on_the_model(
+    untied_qwen2_vl: Path, lora_model, sft_collator, two_sft_examples, loss_and_lora_grads
+):
+    reference, moved = lora_model(untied_qwen2_vl), lora_model(untied_qwen2_vl)
+    collator = sft_collator(untied_qwen2_vl)
     host = move_input_embedding_to_host(moved)
     assert host is not None
 
-    batch = collator(_examples())
-    with_rows = HostEmbeddingCollator(collator, host)(_examples())
+    batch = collator(two_sft_examples())
+    with_rows = HostEmbeddingCollator(collator, host)(two_sft_examples())
     assert with_rows[HOST_EMBEDS_KEY].shape == (*batch["input_ids"].shape, 64)
 
-    loss, grads = _loss_and_lora_grads(reference, batch)
-    moved_loss, moved_grads = _loss_and_lora_grads(moved, with_rows)
+    loss, grads = loss_and_lora_grads(reference, batch)
+    moved_loss, moved_grads = loss_and_lora_grads(moved, with_rows)
     assert torch.equal(loss, moved_loss)
     assert grads.keys() == moved_grads.keys() and len(grads) > 0
     assert all(torch.equal(grads[n], moved_grads[n]) for n in grads)
     assert (host.served_from_batch, host.looked_up_here) == (1, 0)
 
 
-def test_a_call_without_rows_looks_up_by_itself_and_computes_the_same(untied_qwen2_vl: Path):
-    reference, moved = _lora_model(untied_qwen2_vl).eval(), _lora_model(untied_qwen2_vl).eval()
+def test_a_call_without_rows_looks_up_by_itself_and_computes_the_same(
+    untied_qwen2_vl: Path, lora_model
+):
+    reference, moved = lora_model(untied_qwen2_vl).eval(), lora_model(untied_qwen2_vl).eval()
     host = move_input_embedding_to_host(moved)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
@@ -95,10 +55,10 @@ def test_a_call_without_rows_looks_up_by_itself_and_computes_the_same(untied_qwe
     assert (host.served_from_batch, host.looked_up_here) == (0, 1)
 
 
-def test_rows_a_forward_left_unused_never_serve_the_next_call(untied_qwen2_vl: Path):
+def test_rows_a_forward_left_unused_never_serve_the_next_call(untied_qwen2_vl: Path, lora_model):
     """Rows of another shape than the ids are not used, and a forward that fails (here: an
     image without its image tokens) drops them: a later call of their shape looks up its own."""
-    reference, moved = _lora_model(untied_qwen2_vl).eval(), _lora_model(untied_qwen2_vl).eval()
+    reference, moved = lora_model(untied_qwen2_vl).eval(), lora_model(untied_qwen2_vl).eval()
     host = move_input_embedding_to_host(moved)
     stale = {HOST_EMBEDS_KEY: torch.zeros(1, 4, 64)}
     image = {"pixel_values": torch.randn(4, 1176), "image_grid_thw": torch.tensor([[1, 2, 2]])}
@@ -111,9 +71,9 @@ def test_rows_a_forward_left_unused_never_serve_the_next_call(untied_qwen2_vl: P
 
 
 def test_device_placement_leaves_the_table_in_host_memory_but_dtype_changes_apply(
-    untied_qwen2_vl: Path,
+    untied_qwen2_vl: Path, lora_model
 ):
-    model = _lora_model(untied_qwen2_vl)
+    model = lora_model(untied_qwen2_vl)
     host = move_input_embedding_to_host(model)
     model.to("meta")  # stands in for .to("cuda") here: any device that is not the host
     assert host.module.weight.device.type == "cpu"
@@ -122,8 +82,10 @@ def test_device_placement_leaves_the_table_in_host_memory_but_dtype_changes_appl
     assert host.module.weight.dtype == torch.bfloat16
 
 
-def test_a_table_tied_to_lm_head_stays_where_it_is_with_a_warning(tiny_qwen2_vl: Path, caplog):
-    model = _lora_model(tiny_qwen2_vl)
+def test_a_table_tied_to_lm_head_stays_where_it_is_with_a_warning(
+    tiny_qwen2_vl: Path, lora_model, caplog
+):
+    model = lora_model(tiny_qwen2_vl)
     with caplog.at_level(logging.WARNING):
         assert move_input_embedding_to_host(model) is None
     assert "tied to lm_head" in caplog.text
@@ -189,14 +151,20 @@ def test_a_run_may_switch_it_on_or_off_as_it_does_not_change_what_is_trained(
 
 @pytest.mark.parametrize(("workers", "warned"), [(0, True), (1, False)])
 def test_looking_up_without_a_loader_worker_is_allowed_but_warned(
-    untied_qwen2_vl: Path, tmp_path: Path, caplog, workers: int, warned: bool
+    untied_qwen2_vl: Path,
+    lora_model,
+    sft_collator,
+    tmp_path: Path,
+    caplog,
+    workers: int,
+    warned: bool,
 ):
     from transformers import Trainer, TrainingArguments
 
-    model = _lora_model(untied_qwen2_vl)
+    model = lora_model(untied_qwen2_vl)
     host = move_input_embedding_to_host(model)
     args = TrainingArguments(str(tmp_path), dataloader_num_workers=workers, report_to="none")
-    trainer = Trainer(model=model, args=args, data_collator=_batch_collator(untied_qwen2_vl))
+    trainer = Trainer(model=model, args=args, data_collator=sft_collator(untied_qwen2_vl))
     with caplog.at_level(logging.WARNING):
         with_host_embedding_lookup(trainer, host)
     assert isinstance(trainer.data_collator, HostEmbeddingCollator)

@@ -15,16 +15,13 @@ pytestmark = pytest.mark.gpu
 
 
 def test_the_table_leaves_gpu_memory_and_device_placement_leaves_it_on_the_host(
-    untied_qwen2_vl: Path,
+    untied_qwen2_vl: Path, lora_model
 ) -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
 
     from vlm_ray.models.host_input_embedding import move_input_embedding_to_host
 
-    model = AutoModelForImageTextToText.from_pretrained(untied_qwen2_vl, dtype=torch.bfloat16)
-    model = get_peft_model(model.cuda(), LoraConfig(r=4, target_modules="all-linear"))
+    model = lora_model(untied_qwen2_vl, torch.bfloat16).cuda()
     table = model.get_input_embeddings().weight
     nbytes = table.numel() * table.element_size()
     before = torch.cuda.memory_allocated()
