@@ -101,6 +101,8 @@ def load_hf_model(spec: JobSpec, model_path: str, family: Family) -> tuple[Any, 
     m = spec.model
     # before from_pretrained: it would run Python files shipped in the folder
     check_remote_code(m.name, model_path, m.trust_remote_code)
+    if spec.train.fp8:
+        check_fp8_training_device()  # before minutes of loading: the answer needs no weights
     dtype, _, _, why = choose_precision(spec)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
     if m.attn_implementation:
@@ -133,7 +135,6 @@ def load_hf_model(spec: JobSpec, model_path: str, family: Family) -> tuple[Any, 
             )
         model = apply_lora(model, spec.lora, family)
         if spec.train.fp8:
-            check_fp8_training_device()
             convert_lora_base_layers_to_fp8(
                 model, spec.train.fp8_scaling, keep_bf16_on_host=spec.save.merged_16bit
             )

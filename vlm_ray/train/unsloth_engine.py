@@ -67,6 +67,8 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
     """FastVisionModel.from_pretrained (+ get_peft_model unless full fine-tuning) + for_training."""
     # before from_pretrained: it would run Python files shipped in the folder
     check_remote_code(spec.model.name, model_path, spec.model.trust_remote_code)
+    if spec.train.fp8:
+        check_fp8_training_device()  # before minutes of loading: the answer needs no weights
     set_loss_chunks(spec.train.loss_chunks)
     import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
     from unsloth import FastVisionModel
@@ -111,7 +113,6 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
     if spec.train.fp8:
         # Before the fused MLP would take the MLPs: its kernel multiplies bf16 weights itself,
         # so with train.fp8 the MLPs stay on PEFT's layers, whose base GEMMs become float8.
-        check_fp8_training_device()
         convert_lora_base_layers_to_fp8(
             model, spec.train.fp8_scaling, keep_bf16_on_host=spec.save.merged_16bit
         )
