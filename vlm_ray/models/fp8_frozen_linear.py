@@ -31,18 +31,16 @@ into float8 weights would lose precision.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from vlm_ray.models.fp8_linear import require_float8_gpu
+from vlm_ray.models.fp8_linear import GEMM_ALIGN, Fp8Scaling, require_float8_gpu
 
 log = logging.getLogger(__name__)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
-# float8 GEMMs (torch._scaled_mm) need both dimensions of the weight divisible by 16.
-_ALIGN = 16
 
 
 def _quantize(
@@ -128,9 +126,6 @@ class _Float8FrozenMatmul(torch.autograd.Function):
         return grad_x.reshape(*grad_out.shape[:-1], weight.shape[1]), None, None, None
 
 
-Fp8Scaling = Literal["row", "tensor"]
-
-
 class Float8FrozenLinear(torch.nn.Module):
     """A frozen nn.Linear whose GEMMs run in float8 (see the module docstring).
 
@@ -185,8 +180,8 @@ def _why_not(base: Any) -> str | None:
         return f"its base layer is a {type(base).__name__}, not a torch Linear"
     if base.weight.requires_grad:
         return "its base weight is trained"
-    if base.in_features % _ALIGN or base.out_features % _ALIGN:
-        return f"{base.in_features}x{base.out_features} is not a multiple of {_ALIGN}"
+    if base.in_features % GEMM_ALIGN or base.out_features % GEMM_ALIGN:
+        return f"{base.in_features}x{base.out_features} is not a multiple of {GEMM_ALIGN}"
     return None
 
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 Fp8Scope = Literal["vision", "all"]
 Fp8Scaling = Literal["row", "tensor"]
 # float8 GEMMs (torch._scaled_mm) need both matrix dimensions divisible by 16.
-_ALIGN = 16
+GEMM_ALIGN = 16
 
 
 def fp8_target_linears(model: Any, scope: Fp8Scope) -> list[str]:
@@ -48,7 +48,7 @@ def fp8_target_linears(model: Any, scope: Fp8Scope) -> list[str]:
             continue
         if scope == "vision" and id(module) not in in_vision:
             continue
-        if module.in_features % _ALIGN or module.out_features % _ALIGN:
+        if module.in_features % GEMM_ALIGN or module.out_features % GEMM_ALIGN:
             continue
         names.append(name)
     return names
