@@ -24,7 +24,7 @@ so every setup generates exactly 32 tokens per image. Images: 448x448 PNGs (256 
 BENCH_CACHE=static sets generation.cache_implementation for modes c and s,
 BENCH_COMPILE_VISION=1 sets infer.compile_vision, BENCH_COMPILE_LANGUAGE=1 infer.compile_language,
 BENCH_FP8=vision|all sets infer.fp8 (mode s then also measures how close the float8 model's
-first-token logits stay to bf16's), BENCH_FP8_SCALING=row|tensor infer.fp8_scaling, and
+first-token logits stay to bf16's), BENCH_FP8_SCALING=row|tensor|static infer.fp8_scaling, and
 BENCH_VISION_ATTENTION=cudnn infer.vision_attention.
 """
 
@@ -251,6 +251,23 @@ def fp8_fidelity(spec, model, processor, model_dir: Path, rows: list[dict]) -> d
     }
 
 
+def static_fp8_calibration(spec, size: int):
+    """Mode s runs no infer stage, so with infer.fp8_scaling: static its scales calibrate here, on
+    a prepared shard of the bench's own images in a temporary folder (None for other settings)."""
+    import tempfile
+
+    from vlm_ray.infer.fp8_calibration import SCALES_FILE, Fp8Calibration
+    from vlm_ray.storage import LocalStore
+
+    if spec.infer.fp8 == "off" or spec.infer.fp8_scaling != "static":
+        return None
+    run = Path(tempfile.mkdtemp(prefix="bench-fp8-calibration-"))
+    rows = spec.infer.fp8_calibration_rows
+    write_inputs(run, rows, size, rows)
+    key = "prepared/heldout/shard-00000.parquet"
+    return Fp8Calibration(LocalStore(run), SCALES_FILE, key, rows, "bench mode s")
+
+
 def compile_stats() -> dict:
     """What torch.compile did so far in this process: frames compiled (recompilations included),
     graphs, graph breaks, and the seconds in each compile phase (Dynamo, AOT autograd, Inductor)."""
@@ -314,7 +331,9 @@ def mode_s(
     from vlm_ray.models.submodules import inner_module
 
     spec = parse_spec(bench_spec("/tmp/unused", model_dir, engine, bs))
-    model, processor, note = load_for_inference(spec, ModelRef("base", str(model_dir)))
+    model, processor, note = load_for_inference(
+        spec, ModelRef("base", str(model_dir)), static_fp8_calibration(spec, size)
+    )
     cuda = torch.cuda.is_available()
 
     def timed(fn):

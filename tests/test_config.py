@@ -56,7 +56,7 @@ def test_defaults_follow_unsloth_notebook_values() -> None:
             "max_cache_len applies to cache_implementation: static only",
         ),
         ({"infer": {"fp8": "e5m2"}}, "infer.fp8", "'off', 'vision' or 'all'"),
-        ({"infer": {"fp8_scaling": "block"}}, "infer.fp8_scaling", "'row' or 'tensor'"),
+        ({"infer": {"fp8_scaling": "block"}}, "infer.fp8_scaling", "'row', 'tensor' or 'static'"),
         ({"infer": {"vision_attention": "flash3"}}, "infer.vision_attention", "'auto' or 'cudnn'"),
         (
             {"data": {"source": "x", "image_min_size": 900, "image_max_size": 400}},

@@ -27,7 +27,7 @@ def test_at_a_7b_shape_the_float8_layer_is_close_to_bf16_in_half_the_memory(
 ) -> None:
     import torch
 
-    from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear, _quantize, quantize_activation
+    from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear, quantize_activation, quantize_pow2
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(3584, 18944, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -38,7 +38,7 @@ def test_at_a_7b_shape_the_float8_layer_is_close_to_bf16_in_half_the_memory(
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         (q, scale), (q_eager, scale_eager) = (
             quantize_activation(x.detach(), dtype, rowwise),
-            _quantize(x.detach(), dtype, rowwise),
+            quantize_pow2(x.detach(), dtype, rowwise),
         )
         assert torch.equal(scale, scale_eager)
         # Triton's float8 casts may round a rare tie differently from eager's; nothing more

@@ -509,14 +509,26 @@ class InferSpec(_Section):
             "140.2 images/s at batch 512 on an H200; its first batch compiled in 37 s."
         ),
     )
-    fp8_scaling: Literal["row", "tensor"] = Field(
+    fp8_scaling: Literal["row", "tensor", "static"] = Field(
         "row",
         description=(
-            "With infer.fp8: how activations are scaled to float8 at run time: 'row' one scale "
-            "per token (torchao PerRow, weights per output channel), 'tensor' one scale per "
-            "tensor (PerTensor, for weights too): a cheaper scaling pass and GEMM, a coarser "
-            "scale. Not yet measured in the pool; kernel timings at the 2B vision shape are in "
-            "docs/benchmarks.md (inference run 11)."
+            "With infer.fp8: how activations are scaled to float8: 'row' one scale per token at "
+            "run time (torchao PerRow, weights per output channel), 'tensor' one scale per "
+            "tensor at run time (PerTensor, for weights too), 'static' one scale per layer "
+            "calibrated once on the first infer.fp8_calibration_rows input rows and kept in "
+            "predictions/<model>/fp8_input_scales.json, so every actor and every re-run uses the "
+            "same (no pass over the activation to find its range: the cheapest scaling; values "
+            "beyond the calibrated range saturate). Kernel timings at the 2B vision shape "
+            "(docs/benchmarks.md, inference run 11): one block's linear layers 31.3 ms per-row, "
+            "20.8 ms static per-tensor; 'tensor' and 'static' not yet measured in the pool."
+        ),
+    )
+    fp8_calibration_rows: int = Field(
+        256,
+        ge=1,
+        description=(
+            "With infer.fp8_scaling: static: how many input rows (the first ones of the first "
+            "input shard) calibrate the float8 input scales. More rows see rarer large values."
         ),
     )
     vision_attention: Literal["auto", "cudnn"] = Field(

@@ -79,16 +79,18 @@ def _decode_image(data: bytes) -> Any:
     return img.convert("RGB")
 
 
-def _try_decode(data: bytes) -> Any:
-    """The decoded image, or the sentence that goes into the row's error record."""
+def try_decode_image(data: bytes) -> Any:
+    """The decoded RGB image, or a DecodeError with the sentence for the row's error record."""
     try:
         return _decode_image(data)
     except Exception as err:  # PIL raises many types for bad bytes; the row records which
-        return _DecodeError(f"image could not be decoded: {err}")
+        return DecodeError(f"image could not be decoded: {err}")
 
 
 @dataclass(frozen=True)
-class _DecodeError:
+class DecodeError:
+    """Why a row's image bytes could not be decoded."""
+
     message: str
 
 
@@ -199,11 +201,11 @@ def _prepare_batch(
     batch: list[int], rows: list[dict], processor: Any, device: Any, decoders: ThreadPoolExecutor
 ) -> _Prepared:
     decoded = dict(
-        zip(batch, decoders.map(_try_decode, [rows[i]["image"] for i in batch]), strict=True)
+        zip(batch, decoders.map(try_decode_image, [rows[i]["image"] for i in batch]), strict=True)
     )
     prepared = _Prepared(
-        images={i: d for i, d in decoded.items() if not isinstance(d, _DecodeError)},
-        errors={i: d.message for i, d in decoded.items() if isinstance(d, _DecodeError)},
+        images={i: d for i, d in decoded.items() if not isinstance(d, DecodeError)},
+        errors={i: d.message for i, d in decoded.items() if isinstance(d, DecodeError)},
     )
     if prepared.images:
         try:

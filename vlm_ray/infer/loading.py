@@ -17,6 +17,7 @@ from typing import Any
 
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
+from vlm_ray.infer.fp8_calibration import Fp8Calibration, quantize_linears_static
 from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.compiled_language import compile_language_modules
 from vlm_ray.models.compiled_vision import compile_vision_blocks
@@ -104,8 +105,14 @@ def prefer_fast_attention_kernels() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
-    """(model in eval mode on its device, left-padding processor, note naming the engine and why)."""
+def load_for_inference(
+    spec: JobSpec, ref: ModelRef, calibration: Fp8Calibration | None = None
+) -> tuple[Any, Any, str]:
+    """(model in eval mode on its device, left-padding processor, note naming the engine and why).
+
+    calibration: where infer.fp8_scaling: static keeps its scales and which rows make them
+    (the infer stage's pool gives it; needed only with that setting).
+    """
     from vlm_ray.train.engine import choose_engine
 
     prefer_fast_attention_kernels()
@@ -117,8 +124,14 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
     # Before from_pretrained: code shipped in the folder runs only with model.trust_remote_code=true.
     check_remote_code(ref.model_uri, model_path, spec.model.trust_remote_code)
     fp8 = spec.infer.fp8
+    static = fp8 != "off" and spec.infer.fp8_scaling == "static"
+    if static and calibration is None:
+        raise ValueError(
+            "infer.fp8_scaling: static calibrates its scales on the input rows, which the infer "
+            "stage provides (vlm-ray infer); here none were given. Use 'row' or 'tensor'."
+        )
     if fp8 != "off":
-        # Both checks before minutes of loading: the answer does not depend on the weights.
+        # These checks before minutes of loading: the answer does not depend on the weights.
         if engine != "hf":
             raise ValueError(
                 f"infer.fp8: {fp8!r} runs on the transformers engine only (Unsloth's kernels "
@@ -145,7 +158,12 @@ def load_for_inference(spec: JobSpec, ref: ModelRef) -> tuple[Any, Any, str]:
         why += "; decoding attention per KV head"
     if enable_batched_rope_index(model):
         why += "; rope position ids per batch"
-    if fp8 != "off" and quantize_linears_to_fp8(model, fp8, spec.infer.fp8_scaling):
+    if static:
+        # Calibrated in bf16 before anything is compiled (the vision blocks compile below).
+        assert calibration is not None
+        if quantize_linears_static(model, processor, fp8, calibration, spec.generation.batch_size):
+            why += f"; float8 linear layers ({fp8}, static calibrated scales)"
+    elif fp8 != "off" and quantize_linears_to_fp8(model, fp8, spec.infer.fp8_scaling):
         why += f"; float8 linear layers ({fp8}, per-{spec.infer.fp8_scaling} scales)"
     if spec.infer.compile_vision and compile_vision_blocks(model):
         why += "; vision blocks compiled"

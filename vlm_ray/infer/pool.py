@@ -57,8 +57,14 @@ class InferActor:
     """
 
     def __init__(
-        self, spec: dict[str, Any], ref: dict[str, Any], ledger_prefix: str, fingerprint: str
+        self,
+        spec: dict[str, Any],
+        ref: dict[str, Any],
+        ledger_prefix: str,
+        fingerprint: str,
+        calibration_input_key: str | None = None,
     ):
+        from vlm_ray.infer.fp8_calibration import SCALES_FILE, Fp8Calibration
         from vlm_ray.infer.loading import ModelRef, load_for_inference
 
         logging.basicConfig(
@@ -75,7 +81,17 @@ class InferActor:
         self.fingerprint = fingerprint
         self.gpu_lock = threading.Lock()
         start = time.time()
-        self.model, self.processor, self.note = load_for_inference(self.spec, ModelRef(**ref))
+        # Used by infer.fp8_scaling: static only: the folder's scales, or the rows to make them.
+        calibration = Fp8Calibration(
+            self.store,
+            f"{ledger_prefix}/{SCALES_FILE}",
+            calibration_input_key,
+            self.spec.infer.fp8_calibration_rows,
+            fingerprint,
+        )
+        self.model, self.processor, self.note = load_for_inference(
+            self.spec, ModelRef(**ref), calibration
+        )
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         log.info(
             "infer actor pid %d: loaded %s in %.1f s%s",
@@ -147,8 +163,13 @@ def run_pool(
     ledger_prefix: str,
     fingerprint: str,
     gpus: int,
+    calibration_input_key: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Predict every task on a pool of InferActors with bounded in-flight work; returns the commit records."""
+    """Predict every task on a pool of InferActors with bounded in-flight work; returns the commit records.
+
+    calibration_input_key: the input shard whose first rows calibrate infer.fp8_scaling: static
+    (the first of the whole input, not of what is left to do, so a resumed run picks the same).
+    """
     if not tasks:
         return []
     size = min(default_pool_size(spec, gpus), len(tasks))
@@ -164,7 +185,10 @@ def run_pool(
         max_concurrency=IN_FLIGHT_PER_ACTOR,
     )
     spec_dict = spec_to_dict(spec)
-    actors = [actor_cls.remote(spec_dict, ref, ledger_prefix, fingerprint) for _ in range(size)]
+    actors = [
+        actor_cls.remote(spec_dict, ref, ledger_prefix, fingerprint, calibration_input_key)
+        for _ in range(size)
+    ]
     log.info(
         "infer[%s]: %d shards on %d actors (num_gpus=%s each, max_restarts=%d)",
         ref["tag"],
@@ -236,6 +260,8 @@ def compile_note(spec: JobSpec) -> str:
         parts.append("the language MLPs and norms")
     if spec.infer.fp8 != "off":
         parts.append(f"float8 layers (infer.fp8={spec.infer.fp8})")
+        if spec.infer.fp8_scaling == "static":
+            parts[-1] += " after calibrating their scales"
     return ", ".join(parts)
 
 

@@ -43,7 +43,7 @@ E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 
 
-def _quantize(
+def quantize_pow2(
     t: torch.Tensor, dtype: torch.dtype, rowwise: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t / scale in `dtype`, scale): power-of-two scales, one for the whole 2-D tensor, or with
@@ -59,21 +59,21 @@ _quantize_compiled: Any = None
 
 
 def _compiled_quantize() -> Any:
-    """_quantize under torch.compile: on CUDA its abs/amax/divide/cast run as one or two fused
+    """quantize_pow2 under torch.compile: on CUDA its abs/amax/divide/cast run as one or two fused
     kernels instead of six. Made when layers are converted (outside any traced region: a wrapper
     first made inside code that Unsloth's own compiled blocks trace would be traced as well), and
     not at import, which would import torch._dynamo (~2 s) for every user of this module."""
     global _quantize_compiled
     if _quantize_compiled is None:
-        _quantize_compiled = torch.compile(_quantize, dynamic=True)
+        _quantize_compiled = torch.compile(quantize_pow2, dynamic=True)
     return _quantize_compiled
 
 
 def quantize_activation(
     t: torch.Tensor, dtype: torch.dtype, rowwise: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """_quantize, compiled on CUDA (eager elsewhere: CPU compilation needs a C++ toolchain)."""
-    return (_compiled_quantize() if t.is_cuda else _quantize)(t.contiguous(), dtype, rowwise)
+    """quantize_pow2, compiled on CUDA (eager elsewhere: CPU compilation needs a C++ toolchain)."""
+    return (_compiled_quantize() if t.is_cuda else quantize_pow2)(t.contiguous(), dtype, rowwise)
 
 
 def _scaled_mm(
@@ -143,7 +143,7 @@ class Float8FrozenLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.rowwise = scaling == "row"
         with torch.no_grad():
-            q, scale = _quantize(linear.weight.detach(), E4M3)
+            q, scale = quantize_pow2(linear.weight.detach(), E4M3)
         # uint8 bits, not a float8 tensor: Module.to(dtype) casts floating tensors, not these.
         self.register_buffer("weight_bits", q.view(torch.uint8))
         self.register_buffer("weight_scale", scale.reshape(()))

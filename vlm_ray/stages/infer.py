@@ -97,6 +97,8 @@ def predictions_fingerprint(spec: JobSpec, ref: ModelRef, prefix: str) -> str:
         key["fp8"] = spec.infer.fp8
         if spec.infer.fp8_scaling != "row":
             key["fp8_scaling"] = spec.infer.fp8_scaling
+        if spec.infer.fp8_scaling == "static":
+            key["fp8_calibration_rows"] = spec.infer.fp8_calibration_rows
     if spec.infer.vision_attention != "auto":
         # Another kernel rounds differently: outputs may differ in a token or two.
         key["vision_attention"] = spec.infer.vision_attention
@@ -168,7 +170,8 @@ def predict_with(
         ref.model_uri,
         f" + adapter {ref.adapter_uri}" if ref.adapter_uri else "",
     )
-    run_pool(spec, ref.to_dict(), todo, out_prefix, fingerprint, cluster_gpus())
+    calibration_input = next((t.input_key for t in tasks if t.input_key), None)
+    run_pool(spec, ref.to_dict(), todo, out_prefix, fingerprint, cluster_gpus(), calibration_input)
     wanted = {t.shard_id for t in tasks}
     shards = [r for r in ledger.records() if r["shard_id"] in wanted]
     missing = wanted - {r["shard_id"] for r in shards}
