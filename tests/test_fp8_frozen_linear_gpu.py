@@ -27,7 +27,11 @@ def test_at_a_7b_shape_the_float8_layer_is_close_to_bf16_in_half_the_memory(
 ) -> None:
     import torch
 
-    from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear, quantize_activation, quantize_pow2
+    from vlm_ray.models.fp8_frozen_linear import (
+        Float8FrozenLinear,
+        quantize_activation,
+        quantize_pow2,
+    )
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(3584, 18944, bias=False, device="cuda", dtype=torch.bfloat16)

@@ -41,6 +41,23 @@ def test_an_input_beyond_the_calibrated_range_saturates_on_cuda_too():
 
 
 @pytest.mark.gpu
+def test_the_compiled_cast_is_bit_equal_to_the_eager_one():
+    _float8_gpu()
+    import torch
+
+    from vlm_ray.models.fp8_static_linear import _compiled_cast, cast_to_e4m3
+
+    x = torch.randn(1000, 1280, device="cuda", dtype=torch.bfloat16) * 30
+    x[0, 0] = 1e5  # beyond the range: saturates in both
+    scale = torch.tensor(0.125, device="cuda")
+
+    got, want = _compiled_cast()(x, scale), cast_to_e4m3(x, scale)
+
+    assert got.dtype == torch.float8_e4m3fn
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.gpu
 def test_static_float8_pool_calibrates_once_and_a_rerun_keeps_every_prediction(
     ray_cluster, write_prepared, tiny_qwen2_vl, tmp_path
 ):

@@ -41,6 +41,25 @@ log = logging.getLogger(__name__)
 FP8_MAX = torch.finfo(E4M3).max  # 448
 
 
+def cast_to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale in e4m3, saturating: division by a power of two is exact, and the clamp makes an
+    out-of-range value saturate (CUDA's cast would make it NaN)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+
+
+_cast_compiled: Any = None
+
+
+def _compiled_cast() -> Any:
+    """cast_to_e4m3 under torch.compile: on CUDA one fused kernel instead of four passes over the
+    activation where the layer runs eagerly (inside a compiled block it is traced inline anyway).
+    Made when layers are converted, outside any traced region, as fp8_frozen_linear does."""
+    global _cast_compiled
+    if _cast_compiled is None:
+        _cast_compiled = torch.compile(cast_to_e4m3, dynamic=True)
+    return _cast_compiled
+
+
 class Float8StaticLinear(torch.nn.Module):
     """An inference-only nn.Linear whose GEMM runs in float8 with a fixed input scale."""
 
@@ -63,9 +82,9 @@ class Float8StaticLinear(torch.nn.Module):
         return self.weight_bits.view(E4M3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        # Division by a power of two is exact; the clamp makes an out-of-range value saturate.
-        xq = (rows.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        # Compiled on CUDA; eager elsewhere (CPU compilation needs a C++ toolchain).
+        xq = (_compiled_cast() if x.is_cuda else cast_to_e4m3)(rows, self.input_scale)
         out = torch._scaled_mm(
             xq,
             self.weight.t(),  # (in, out), column-major: what _scaled_mm wants on the right
@@ -125,6 +144,7 @@ def static_input_scales(amax: dict[str, float]) -> dict[str, float]:
 def convert_linears_to_static_fp8(model: Any, scales: dict[str, float]) -> int:
     """Replace each nn.Linear named in `scales` (relative to the unwrapped model) by a
     Float8StaticLinear with that input scale; returns how many."""
+    _compiled_cast()
     base = unwrapped(model)
     for name, scale in scales.items():
         parent_name, _, child = name.rpartition(".")
