@@ -24,7 +24,8 @@ from vlm_ray.models.fp8_frozen_linear import (
 )
 
 
-def _frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.nn.Linear:
+def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.nn.Linear:
+    """A frozen nn.Linear with this weight (and bias), in the weight's dtype."""
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     linear.to(weight.dtype)
     with torch.no_grad():
@@ -41,7 +42,8 @@ def _output_and_input_grad(layer, x: torch.Tensor, grad: torch.Tensor):
     return out.detach(), grad_x
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two tensors, flattened, in float32."""
     return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
 
 
@@ -53,7 +55,7 @@ def test_values_float8_holds_multiply_exactly_forward_and_backward(scaling: str)
     g = torch.Generator().manual_seed(0)
     weight = torch.randint(-6, 7, (48, 64), generator=g).to(torch.float32)
     bias = torch.randint(-3, 4, (48,), generator=g).to(torch.float32)
-    reference = _frozen_linear(weight, bias)
+    reference = frozen_linear(weight, bias)
     x = torch.randint(-5, 6, (3, 7, 64), generator=g).to(torch.float32)
     grad = torch.randint(-4, 5, (3, 7, 48), generator=g).to(torch.float32)
 
@@ -68,15 +70,15 @@ def test_values_float8_holds_multiply_exactly_forward_and_backward(scaling: str)
 @pytest.mark.parametrize("scaling", ["row", "tensor"])
 def test_random_values_come_out_close_to_bf16_but_not_equal(scaling: str):
     g = torch.Generator().manual_seed(1)
-    reference = _frozen_linear(torch.randn(96, 128, generator=g).to(torch.bfloat16) * 0.05)
+    reference = frozen_linear(torch.randn(96, 128, generator=g).to(torch.bfloat16) * 0.05)
     x = torch.randn(40, 128, generator=g).to(torch.bfloat16)
     grad = torch.randn(40, 96, generator=g).to(torch.bfloat16)
 
     out, grad_x = _output_and_input_grad(Float8FrozenLinear(reference, scaling), x, grad)
     ref_out, ref_grad_x = _output_and_input_grad(reference, x, grad)
 
-    assert _cosine(out, ref_out) > 0.998
-    assert _cosine(grad_x, ref_grad_x) > 0.995
+    assert cosine(out, ref_out) > 0.998
+    assert cosine(grad_x, ref_grad_x) > 0.995
     assert not torch.equal(out, ref_out)  # it really multiplied in float8
 
 
@@ -85,7 +87,7 @@ def test_per_token_scales_keep_ordinary_tokens_precise_beside_an_outlier_token()
     # such ratios): with one scale for the tensor the ordinary tokens fall toward float8's
     # subnormals and lose precision; with one scale per token they keep it.
     g = torch.Generator().manual_seed(4)
-    reference = _frozen_linear(torch.randn(64, 128, generator=g) * 0.05)
+    reference = frozen_linear(torch.randn(64, 128, generator=g) * 0.05)
     x = torch.randn(32, 128, generator=g) * 0.02
     x[0] *= 30_000
     ref = reference(x)[1:]
@@ -99,7 +101,7 @@ def test_per_token_scales_keep_ordinary_tokens_precise_beside_an_outlier_token()
 
 
 def test_the_weight_takes_one_byte_gets_no_gradient_and_survives_a_dtype_cast():
-    reference = _frozen_linear(torch.randn(32, 64).to(torch.bfloat16))
+    reference = frozen_linear(torch.randn(32, 64).to(torch.bfloat16))
     layer = Float8FrozenLinear(reference)
     x = torch.randn(5, 64, dtype=torch.bfloat16)
     before = layer(x)
@@ -116,7 +118,7 @@ def test_the_weight_takes_one_byte_gets_no_gradient_and_survives_a_dtype_cast():
 def test_a_trained_bias_gets_the_same_gradient_as_in_bf16():
     g = torch.Generator().manual_seed(2)
     weight = torch.randint(-3, 4, (16, 32), generator=g).float()
-    reference = _frozen_linear(weight, torch.zeros(16))
+    reference = frozen_linear(weight, torch.zeros(16))
     reference.bias.requires_grad_(True)
     layer = Float8FrozenLinear(reference)
     x = torch.randint(-2, 3, (6, 32), generator=g).float()
@@ -152,7 +154,7 @@ def test_a_lora_model_trains_close_to_bf16_with_every_aligned_base_layer_in_floa
     assert grads.keys() == ref_grads.keys() and all("lora_" in n for n in grads)
     flat = torch.cat([grads[n].flatten() for n in sorted(grads)])
     ref_flat = torch.cat([ref_grads[n].flatten() for n in sorted(grads)])
-    assert _cosine(flat, ref_flat) > 0.98
+    assert cosine(flat, ref_flat) > 0.98
 
 
 def test_layers_that_cannot_run_in_float8_stay_and_a_warning_says_why(caplog):

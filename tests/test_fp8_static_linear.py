@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from test_fp8_frozen_linear import cosine, frozen_linear
 from test_infer_loading import first_logits, infer_spec
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -36,19 +37,6 @@ from vlm_ray.stages.infer import predictions_fingerprint
 from vlm_ray.storage import LocalStore
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.nn.Linear:
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear.requires_grad_(False)
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
-
-
 def test_scales_are_the_smallest_powers_of_two_that_fit_the_calibrated_range():
     scales = static_input_scales({"a": 448.0, "b": 449.0, "c": 1.0, "d": 0.0, "e": 3000.0})
     assert scales == {"a": 1.0, "b": 2.0, "c": 2.0**-8, "d": 1.0, "e": 8.0}
@@ -61,7 +49,7 @@ def test_values_float8_holds_multiply_exactly():
     # Small integers are exact in e4m3 after power-of-two scaling, and so are their float32 sums:
     # a wrong scale, transpose or layout shows as a difference, not as rounding.
     g = torch.Generator().manual_seed(0)
-    reference = _linear(
+    reference = frozen_linear(
         torch.randint(-6, 7, (48, 64), generator=g).float(),
         torch.randint(-3, 4, (48,), generator=g).float(),
     )
@@ -76,21 +64,21 @@ def test_values_float8_holds_multiply_exactly():
 
 def test_random_values_come_out_close_to_bf16_but_not_equal():
     g = torch.Generator().manual_seed(1)
-    reference = _linear(torch.randn(96, 128, generator=g) * 0.05).to(torch.bfloat16)
+    reference = frozen_linear(torch.randn(96, 128, generator=g) * 0.05).to(torch.bfloat16)
     x = torch.randn(40, 128, generator=g).to(torch.bfloat16)
     (scale,) = static_input_scales({"x": x.abs().max().item()}).values()
 
     out = Float8StaticLinear(reference, scale)(x)
 
     assert out.dtype == torch.bfloat16
-    assert _cosine(out, reference(x)) > 0.998
+    assert cosine(out, reference(x)) > 0.998
     assert not torch.equal(out, reference(x))  # it really multiplied in float8
 
 
 def test_an_input_beyond_the_calibrated_range_saturates_instead_of_overflowing():
     # On CPU torch's float8 cast saturates by itself; on CUDA it does not, so the layer clamps
     # first (as torchao's to_fp8_saturated does): tests/test_fp8_static_linear_gpu.py.
-    reference = _linear(torch.eye(16))
+    reference = frozen_linear(torch.eye(16))
     layer = Float8StaticLinear(reference, input_scale=1.0)  # calibrated range: |x| <= 448
     x = torch.tensor([[1000.0, -5000.0] + [1.0] * 14])
 
@@ -102,7 +90,9 @@ def test_an_input_beyond_the_calibrated_range_saturates_instead_of_overflowing()
 
 
 def test_calibration_records_each_layers_largest_input_then_lets_go():
-    model = torch.nn.Sequential(_linear(2 * torch.eye(16)), torch.nn.ReLU(), _linear(torch.eye(16)))
+    model = torch.nn.Sequential(
+        frozen_linear(2 * torch.eye(16)), torch.nn.ReLU(), frozen_linear(torch.eye(16))
+    )
     a, b = torch.zeros(1, 16), torch.zeros(1, 16)
     a[0, 0], b[0, 1] = -3.0, 2.0
 
@@ -118,7 +108,9 @@ def test_calibration_records_each_layers_largest_input_then_lets_go():
 
 
 def test_converting_replaces_exactly_the_named_layers():
-    model = torch.nn.Sequential(_linear(torch.eye(16)), torch.nn.Sequential(_linear(torch.eye(16))))
+    model = torch.nn.Sequential(
+        frozen_linear(torch.eye(16)), torch.nn.Sequential(frozen_linear(torch.eye(16)))
+    )
 
     assert convert_linears_to_static_fp8(model, {"1.0": 0.5}) == 1
 
@@ -170,7 +162,7 @@ def test_static_float8_model_calibrates_commits_its_scales_and_stays_close(calib
         scale, amax = layer["input_scale"], layer["input_amax"]
         assert amax > 0 and amax / scale <= 448 < 2 * amax / scale  # the tightest power of two
         assert layers[name].input_scale.item() == scale
-    assert _cosine(first_logits(model, processor), reference) > 0.99
+    assert cosine(first_logits(model, processor), reference) > 0.99
 
 
 def test_a_later_attempt_reads_the_committed_scales_instead_of_calibrating_again(

@@ -126,7 +126,29 @@ class _Float8FrozenMatmul(torch.autograd.Function):
         return grad_x.reshape(*grad_out.shape[:-1], weight.shape[1]), None, None, None
 
 
-class Float8FrozenLinear(torch.nn.Module):
+class Float8Weight(torch.nn.Module):
+    """A frozen nn.Linear's weight and bias, the weight held in e4m3 with one power-of-two scale.
+
+    The weight is stored as uint8 bits (a float8 view when read): Module.to(dtype) casts floating
+    tensors, not these. Subclasses define the GEMM.
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            q, scale = quantize_pow2(linear.weight.detach(), E4M3)
+        self.register_buffer("weight_bits", q.view(torch.uint8))
+        self.register_buffer("weight_scale", scale.reshape(()))
+        self.bias = linear.bias  # kept as it was (trainable under lora.bias "all")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float8 weight (readers such as PEFT's and Unsloth's casts see a 1-byte dtype)."""
+        return self.weight_bits.view(E4M3)
+
+
+class Float8FrozenLinear(Float8Weight):
     """A frozen nn.Linear whose GEMMs run in float8 (see the module docstring).
 
     The weight has one scale; activations and output gradients get one per row (token) with
@@ -139,24 +161,12 @@ class Float8FrozenLinear(torch.nn.Module):
         scaling: Fp8Scaling = "row",
         keep_bf16_on_host: bool = False,
     ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         self.rowwise = scaling == "row"
-        with torch.no_grad():
-            q, scale = quantize_pow2(linear.weight.detach(), E4M3)
-        # uint8 bits, not a float8 tensor: Module.to(dtype) casts floating tensors, not these.
-        self.register_buffer("weight_bits", q.view(torch.uint8))
-        self.register_buffer("weight_scale", scale.reshape(()))
-        self.bias = linear.bias  # kept as it was (trainable under lora.bias "all")
         # Not a buffer: it stays in host memory through .to("cuda"), and out of state_dict.
         self.host_weight = (
             linear.weight.detach().to("cpu", copy=True) if keep_bf16_on_host else None
         )
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The float8 weight (readers such as PEFT's and Unsloth's casts see a 1-byte dtype)."""
-        return self.weight_bits.view(E4M3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _Float8FrozenMatmul.apply(x, self.weight, self.weight_scale.float(), self.rowwise)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from vlm_ray.models.fp8_frozen_linear import E4M3, quantize_pow2
+from vlm_ray.models.fp8_frozen_linear import E4M3, Float8Weight
 from vlm_ray.models.submodules import unwrapped
 
 log = logging.getLogger(__name__)
@@ -60,26 +60,15 @@ def _compiled_cast() -> Any:
     return _cast_compiled
 
 
-class Float8StaticLinear(torch.nn.Module):
+class Float8StaticLinear(Float8Weight):
     """An inference-only nn.Linear whose GEMM runs in float8 with a fixed input scale."""
 
     def __init__(self, linear: torch.nn.Linear, input_scale: float) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        with torch.no_grad():
-            q, scale = quantize_pow2(linear.weight.detach(), E4M3)
-        # uint8 bits, not a float8 tensor: Module.to(dtype) casts floating tensors, not these.
-        self.register_buffer("weight_bits", q.view(torch.uint8))
-        self.register_buffer("weight_scale", scale.reshape(()).float())
+        super().__init__(linear)
         self.register_buffer(
-            "input_scale", torch.tensor(input_scale, dtype=torch.float32, device=q.device)
+            "input_scale",
+            torch.tensor(input_scale, dtype=torch.float32, device=self.weight_bits.device),
         )
-        self.bias = linear.bias
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The float8 weight (a 1-byte dtype, for readers that check a layer's weight dtype)."""
-        return self.weight_bits.view(E4M3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
