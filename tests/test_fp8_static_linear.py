@@ -38,8 +38,10 @@ from vlm_ray.storage import LocalStore
 
 
 def test_scales_are_the_smallest_powers_of_two_that_fit_the_calibrated_range():
-    scales = static_input_scales({"a": 448.0, "b": 449.0, "c": 1.0, "d": 0.0, "e": 3000.0})
-    assert scales == {"a": 1.0, "b": 2.0, "c": 2.0**-8, "d": 1.0, "e": 8.0}
+    scales = static_input_scales(
+        {"a": 448.0, "b": 449.0, "c": 1.0, "d": 0.0, "e": 3000.0, "f": 1e-45}
+    )
+    assert scales == {"a": 1.0, "b": 2.0, "c": 2.0**-8, "d": 1.0, "e": 8.0, "f": 2.0**-126}
     # 1.0 / 2**-8 = 256 <= 448, and with 2**-9 it would be 512 > 448: nothing calibrated clips.
     with pytest.raises(ValueError, match="non-finite input at x"):
         static_input_scales({"x": math.inf})

@@ -126,7 +126,9 @@ def static_input_scales(amax: dict[str, float]) -> dict[str, float]:
     for name, value in amax.items():
         if not math.isfinite(value):
             raise ValueError(f"calibration saw a non-finite input at {name} ({value})")
-        scales[name] = 1.0 if value == 0 else 2.0 ** math.ceil(math.log2(value / FP8_MAX))
+        # At least 2**-126, float32's smallest normal number (the scale is a float32 tensor).
+        exponent = max(math.ceil(math.log2(value / FP8_MAX)), -126) if value else 0
+        scales[name] = 2.0**exponent
     return scales
 
 
