@@ -226,6 +226,23 @@ def test_calibration_skips_rows_whose_image_does_not_decode(calibration_setup):
         calibrated_input_scales(model, processor, names, calibration(rows=3), 4)
 
 
+def test_loading_converts_the_scopes_layers_with_the_calibrated_scales(calibration_setup):
+    # What load_for_inference does after its device check (which refuses CPUs): convert, and say so.
+    from vlm_ray.infer.loading import float8_layers
+
+    store, model, processor, calibration = calibration_setup
+    spec = infer_spec(store.uri, "unused", infer={"fp8": "vision", "fp8_scaling": "static"})
+
+    vision = fp8_target_linears(model, "vision")
+
+    note = float8_layers(model, processor, spec, calibration())
+
+    assert note == "; float8 linear layers (vision, static calibrated scales)"
+    static = [n for n, m in model.named_modules() if isinstance(m, Float8StaticLinear)]
+    assert sorted(static) == sorted(vision) != []
+    assert store.exists(calibration().scales_key)
+
+
 def test_static_scaling_outside_the_infer_stage_is_an_error_naming_the_setting(
     tmp_path, tiny_qwen2_vl
 ):

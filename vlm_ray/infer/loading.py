@@ -124,8 +124,7 @@ def load_for_inference(
     # Before from_pretrained: code shipped in the folder runs only with model.trust_remote_code=true.
     check_remote_code(ref.model_uri, model_path, spec.model.trust_remote_code)
     fp8 = spec.infer.fp8
-    static = fp8 != "off" and spec.infer.fp8_scaling == "static"
-    if static and calibration is None:
+    if fp8 != "off" and spec.infer.fp8_scaling == "static" and calibration is None:
         raise ValueError(
             "infer.fp8_scaling: static calibrates its scales on the input rows, which the infer "
             "stage provides (vlm-ray infer); here none were given. Use 'row' or 'tensor'."
@@ -158,13 +157,9 @@ def load_for_inference(
         why += "; decoding attention per KV head"
     if enable_batched_rope_index(model):
         why += "; rope position ids per batch"
-    if static:
-        # Calibrated in bf16 before anything is compiled (the vision blocks compile below).
-        assert calibration is not None
-        if quantize_linears_static(model, processor, fp8, calibration, spec.generation.batch_size):
-            why += f"; float8 linear layers ({fp8}, static calibrated scales)"
-    elif fp8 != "off" and quantize_linears_to_fp8(model, fp8, spec.infer.fp8_scaling):
-        why += f"; float8 linear layers ({fp8}, per-{spec.infer.fp8_scaling} scales)"
+    processor = _left_padded(processor)
+    # Before the vision blocks are compiled, so that compilation sees the float8 layers.
+    why += float8_layers(model, processor, spec, calibration)
     if spec.infer.compile_vision and compile_vision_blocks(model):
         why += "; vision blocks compiled"
     if spec.infer.compile_language and compile_language_modules(model):
@@ -172,7 +167,24 @@ def load_for_inference(
     note = f"{engine} ({why}); model {ref.model_uri}" + (
         f" + adapter {ref.adapter_uri}" if ref.adapter_uri else ""
     )
-    return model, _left_padded(processor), note
+    return model, processor, note
+
+
+def float8_layers(
+    model: Any, processor: Any, spec: JobSpec, calibration: Fp8Calibration | None
+) -> str:
+    """Convert infer.fp8's linear layers in place (with static scales: calibrated first, in
+    bf16); the load note's words for it, '' when infer.fp8 is off or no layer qualifies."""
+    fp8, scaling = spec.infer.fp8, spec.infer.fp8_scaling
+    if fp8 == "off":
+        return ""
+    if scaling == "static":
+        if calibration is None:  # load_for_inference refuses this before loading
+            raise ValueError("infer.fp8_scaling: static needs its calibration")
+        n = quantize_linears_static(model, processor, fp8, calibration, spec.generation.batch_size)
+        return f"; float8 linear layers ({fp8}, static calibrated scales)" if n else ""
+    n = quantize_linears_to_fp8(model, fp8, scaling)
+    return f"; float8 linear layers ({fp8}, per-{scaling} scales)" if n else ""
 
 
 def _load_unsloth(spec: JobSpec, model_path: str, adapter_path: str | None) -> tuple[Any, Any]:
