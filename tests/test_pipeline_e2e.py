@@ -16,6 +16,7 @@ from vlm_ray import layout
 from vlm_ray.config import JobSpec, load_spec
 from vlm_ray.demo_data import write_digits_dataset
 from vlm_ray.models.tiny import build_tiny_model
+from vlm_ray.run_status import run_status
 from vlm_ray.storage import open_store
 
 ROOT = Path(__file__).parent.parent
@@ -74,6 +75,16 @@ def _check_run(spec: JobSpec, results: dict) -> None:
             if k.endswith(".jsonl") and "/_done/" not in k
         )
         assert rows == heldout, f"{tag}: every held-out row predicted exactly once"
+    # `vlm-ray status` reads the same run back from storage alone: every stage done.
+    status = run_status(spec)
+    assert [(s["stage"], s["state"]) for s in status["stages"]] == [
+        ("prepare", "done"),
+        ("train", "done"),
+        ("infer", "done"),
+        ("evaluate", "done"),
+    ]
+    infer = status["stages"][2]["facts"]["models"]
+    assert infer["finetuned"]["rows"] == infer["base"]["rows"] == heldout
 
 
 def test_demo_pipeline_on_a_local_folder(

@@ -98,6 +98,9 @@ STAGES: dict[str, Stage] = {
 }
 
 
+PRINTING_COMMANDS = ("status", "spec")
+
+
 def _keys_help(sections: tuple[str, ...]) -> str:
     rows = [r for r in describe_keys() if r[0].split(".")[0] in sections]
     lines = ["job spec keys (YAML sections, or dotted.key=value overrides):"]
@@ -141,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spec_p.add_argument("--config", "-c")
     spec_p.add_argument("overrides", nargs="*", metavar="key=value")
+    status_p = sub.add_parser(
+        "status",
+        help="what the run at run.uri has done so far, read from its object storage",
+        description=(
+            "Reads the run's manifests, commit markers and checkpoints (no cluster needed, "
+            "nothing written) and prints one line per stage: done, partial (running, or "
+            "interrupted: re-running resumes) or not started, with its numbers."
+        ),
+    )
+    status_p.add_argument("--config", "-c")
+    status_p.add_argument("overrides", nargs="*", metavar="key=value")
+    status_p.add_argument("--json", action="store_true", help="Print the status as JSON.")
     tiny = sub.add_parser(
         "tiny-model",
         help="build a random-weight model of a supported family (no hub access needed)",
@@ -156,13 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """One format for every stage: time, level, module, message."""
+def setup_logging(verbose: bool = False, stream: Any = None) -> None:
+    """One format for every stage: time, level, module, message; to stdout unless `stream`."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stdout,
+        stream=stream or sys.stdout,
         force=True,
     )
     for noisy in (
@@ -181,7 +196,8 @@ def setup_logging(verbose: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vlm-ray` console script and of `python -m jobs.<stage>`."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    # Commands whose stdout is their answer (JSON, YAML) log to stderr, so it can be piped.
+    setup_logging(args.verbose, sys.stderr if args.stage in PRINTING_COMMANDS else None)
     log = logging.getLogger("vlm_ray")
     if args.stage == "tiny-model":
         from vlm_ray.models.tiny import build_tiny_model
@@ -198,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, FileNotFoundError) as err:
         print(f"vlm-ray: {err}", file=sys.stderr)
         return 2
+    if args.stage == "status":
+        import json
+
+        from vlm_ray.run_status import format_status, run_status
+
+        status = run_status(spec)
+        print(json.dumps(status, indent=1) if args.json else format_status(status))
+        return 0
     if args.stage == "spec":
         import yaml
 

@@ -1,0 +1,78 @@
+"""`vlm-ray status`: a run's state read back from its object storage alone, finished or not.
+
+The finished case is checked at the end of tests/test_pipeline_e2e.py (a folder and S3); here
+the states in between: work committed part way, checkpoints without a trained model.
+"""
+
+from __future__ import annotations
+
+import json
+
+from test_infer_loading import infer_spec
+
+from vlm_ray import layout
+from vlm_ray.cli import main
+from vlm_ray.ledger import ShardLedger
+from vlm_ray.run_status import format_status, run_status
+from vlm_ray.train.checkpoints import upload_checkpoint
+
+
+def _states(status: dict) -> dict[str, str]:
+    return {s["stage"]: s["state"] for s in status["stages"]}
+
+
+def test_an_empty_run_has_nothing_started(store):
+    status = run_status(infer_spec(store.uri, "unused", endpoint=_endpoint(store)))
+
+    assert set(_states(status).values()) == {"not started"}
+    assert "no input shards yet (run prepare)" in format_status(status)
+
+
+def test_a_run_interrupted_part_way_shows_what_is_committed(store, write_prepared, tmp_path):
+    write_prepared(store, rows=6, heldout=6, rows_per_shard=3)  # two held-out shards
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "trainer_state.json").write_text("{}")
+    upload_checkpoint(store, tmp_path / "ckpt", step=20, keep=2)
+    ShardLedger(store, layout.predictions_dir("base")).commit(
+        "shard-00000", {"rows": 3, "errors": 1}
+    )
+    spec = infer_spec(store.uri, "unused", endpoint=_endpoint(store), train={"max_steps": 60})
+
+    status = run_status(spec)
+
+    assert _states(status) == {
+        "prepare": "done",
+        "train": "partial",
+        "infer": "partial",
+        "evaluate": "not started",
+    }
+    stages = {s["stage"]: s for s in status["stages"]}
+    assert stages["train"]["facts"] == {"last_checkpoint_step": 20}
+    assert "last checkpoint at step 20 of 60" in stages["train"]["detail"]
+    assert stages["infer"]["facts"]["models"] == {
+        "base": {"shards_done": 1, "shards": 2, "rows": 3, "errors": 1},
+        "finetuned": {"shards_done": 0, "shards": 2, "rows": 0, "errors": 0},
+    }
+    assert "base 1/2 shards, 3 rows (1 errors)" in stages["infer"]["detail"]
+
+
+def test_the_command_prints_lines_or_json(store, write_prepared, capsys, tmp_path):
+    write_prepared(store, rows=2, heldout=2)
+    spec = tmp_path / "job.yaml"
+    endpoint = _endpoint(store)
+    spec.write_text(
+        f"run: {{uri: '{store.uri}'{f', s3_endpoint_url: {endpoint}' if endpoint else ''}}}\n"
+        "model: {name: unused}\ndata: {source: unused}\n"
+    )
+
+    assert main(["status", "--config", str(spec)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"run {store.uri_of('')}"
+    assert lines[1].split()[:2] == ["prepare", "done"]
+
+    assert main(["status", "--config", str(spec), "--json"]) == 0
+    assert _states(json.loads(capsys.readouterr().out))["prepare"] == "done"
+
+
+def _endpoint(store) -> str | None:
+    return getattr(store, "endpoint_url", None)

@@ -1,0 +1,163 @@
+"""What a run has done so far, read from its object storage alone (`vlm-ray status`).
+
+Every stage commits its work under the run URI (manifests, commit markers, checkpoints), so the
+state of a run, finished, still running or interrupted, can be read without the cluster that
+runs it: from CI, a cron job, or a laptop pointed at the bucket. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from vlm_ray import layout
+from vlm_ray.config import JobSpec
+from vlm_ray.data.shards import list_shards
+from vlm_ray.ledger import ShardLedger
+from vlm_ray.storage import Store, open_store
+from vlm_ray.train.checkpoints import completed_checkpoint_steps
+
+State = Literal["done", "partial", "not started"]
+
+
+@dataclass
+class StageStatus:
+    """One stage's state, a line for a person, and the numbers behind it."""
+
+    stage: str
+    state: State
+    detail: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def _prepare_status(store: Store) -> StageStatus:
+    if store.exists(layout.PREPARED_MANIFEST):
+        m = store.read_json(layout.PREPARED_MANIFEST)
+        splits = m.get("splits", {})
+        facts = {
+            "rows_in": m.get("rows_in"),
+            "rows_ok": m.get("rows_ok"),
+            "rows_quarantined": m.get("rows_quarantined", 0),
+            "splits": splits,
+        }
+        detail = (
+            f"{m.get('rows_ok')} of {m.get('rows_in')} rows: {splits.get('train', 0)} train, "
+            f"{splits.get('heldout', 0)} held-out; {facts['rows_quarantined']} quarantined"
+        )
+        if facts["rows_quarantined"]:
+            detail += f" ({store.uri_of(layout.QUARANTINE)})"
+        return StageStatus("prepare", "done", detail, facts)
+    written = sum(len(list_shards(store, f"{layout.PREPARED}/{s}")) for s in layout.SPLITS)
+    if written:
+        return StageStatus(
+            "prepare",
+            "partial",
+            f"{written} shards written, no manifest yet (running, or interrupted: re-run prepare)",
+            {"shards_written": written},
+        )
+    return StageStatus("prepare", "not started", "no prepared shards")
+
+
+def _train_status(store: Store, spec: JobSpec) -> StageStatus:
+    if store.exists(layout.TRAIN_SUMMARY):
+        s = store.read_json(layout.TRAIN_SUMMARY)
+        facts = {
+            k: s.get(k)
+            for k in ("global_step", "final_loss", "samples_per_second", "engine", "model_uri")
+        }
+        loss = f", final loss {s['final_loss']:.4g}" if s.get("final_loss") is not None else ""
+        return StageStatus(
+            "train",
+            "done",
+            f"{s.get('global_step')} steps on {s.get('engine')}{loss} -> {s.get('model_uri')}",
+            facts,
+        )
+    steps = completed_checkpoint_steps(store)
+    if steps:
+        of = f" of {spec.train.max_steps}" if spec.train.max_steps else ""
+        return StageStatus(
+            "train",
+            "partial",
+            f"last checkpoint at step {steps[-1]}{of} (running, or interrupted: re-running train "
+            "resumes from it)",
+            {"last_checkpoint_step": steps[-1]},
+        )
+    return StageStatus("train", "not started", "no checkpoint, no trained model")
+
+
+def _input_prefix(spec: JobSpec) -> str:
+    # Where infer reads (vlm_ray.stages.infer.input_prefix), without preparing anything.
+    return (
+        f"{layout.PREPARED}/heldout" if spec.infer.source is None else f"{layout.INFER_INPUT}/all"
+    )
+
+
+def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
+    from vlm_ray.stages.infer import input_quarantine_keys, shard_tasks
+
+    prefix = _input_prefix(spec)
+    inputs = list_shards(store, prefix)
+    quarantined = input_quarantine_keys(store, prefix)
+    if not inputs and not quarantined:
+        where = "run prepare" if spec.infer.source is None else "infer prepares infer.source first"
+        return StageStatus("infer", "not started", f"no input shards yet ({where})")
+    per_tag, states, parts = {}, [], []
+    for tag in spec.infer.models:
+        wanted = {t.shard_id for t in shard_tasks(inputs, tag, quarantined)}
+        ledger = ShardLedger(store, layout.predictions_dir(tag))
+        done = [r for r in ledger.records() if r["shard_id"] in wanted]
+        per_tag[tag] = {
+            "shards_done": len(done),
+            "shards": len(wanted),
+            "rows": sum(r["rows"] for r in done),
+            "errors": sum(r["errors"] for r in done),
+        }
+        states.append("done" if len(done) == len(wanted) else "partial" if done else "not started")
+        parts.append(
+            f"{tag} {len(done)}/{len(wanted)} shards, {per_tag[tag]['rows']} rows "
+            f"({per_tag[tag]['errors']} errors)"
+        )
+    state: State = (
+        "done"
+        if all(s == "done" for s in states)
+        else "not started"
+        if all(s == "not started" for s in states)
+        else "partial"
+    )
+    detail = "; ".join(parts) + f" -> {store.uri_of(layout.PREDICTIONS)}"
+    return StageStatus("infer", state, detail, {"input": store.uri_of(prefix), "models": per_tag})
+
+
+def _evaluate_status(store: Store) -> StageStatus:
+    if not store.exists(layout.EVAL_METRICS):
+        return StageStatus("evaluate", "not started", "no eval/metrics.json")
+    m = store.read_json(layout.EVAL_METRICS)
+    metric = m.get("headline_metric", "cer")
+    scores = {tag: v.get(metric) for tag, v in m.get("models", {}).items()}
+    shown = ", ".join(f"{tag} {v:.4f}" for tag, v in scores.items() if v is not None)
+    return StageStatus(
+        "evaluate",
+        "done",
+        f"{metric}: {shown} on {m.get('rows')} rows -> {store.uri_of(layout.EVAL_REPORT)}",
+        {"headline_metric": metric, "scores": scores, "rows": m.get("rows")},
+    )
+
+
+def run_status(spec: JobSpec) -> dict[str, Any]:
+    """Every stage's state for spec.run.uri, read from object storage only."""
+    store = open_store(spec.run.uri, spec.run.s3_endpoint_url)
+    stages = [
+        _prepare_status(store),
+        _train_status(store, spec),
+        _infer_status(store, spec),
+        _evaluate_status(store),
+    ]
+    return {"run": store.uri_of(""), "stages": [asdict(s) for s in stages]}
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status as a few aligned lines for a terminal."""
+    lines = [f"run {status['run']}"]
+    for s in status["stages"]:
+        lines.append(f"  {s['stage']:<9} {s['state']:<12} {s['detail']}")
+    return "\n".join(lines)
