@@ -85,17 +85,10 @@ def _train_status(store: Store, spec: JobSpec) -> StageStatus:
     return StageStatus("train", "not started", "no checkpoint, no trained model")
 
 
-def _input_prefix(spec: JobSpec) -> str:
-    # Where infer reads (vlm_ray.stages.infer.input_prefix), without preparing anything.
-    return (
-        f"{layout.PREPARED}/heldout" if spec.infer.source is None else f"{layout.INFER_INPUT}/all"
-    )
-
-
 def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
-    from vlm_ray.stages.infer import input_quarantine_keys, shard_tasks
+    from vlm_ray.stages.infer import input_quarantine_keys, input_shards_prefix, shard_tasks
 
-    prefix = _input_prefix(spec)
+    prefix = input_shards_prefix(spec)
     inputs = list_shards(store, prefix)
     quarantined = input_quarantine_keys(store, prefix)
     if not inputs and not quarantined:

@@ -47,10 +47,17 @@ def infer_source_spec(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"data": data})
 
 
-def input_prefix(spec: JobSpec) -> str:
-    """Where the input shards are: the held-out split, or infer.source prepared into infer_input/all."""
+def input_shards_prefix(spec: JobSpec) -> str:
+    """Where the input shards are (or will be): the held-out split, or infer_input/all."""
     if spec.infer.source is None:
         return f"{layout.PREPARED}/heldout"
+    return f"{layout.INFER_INPUT}/all"
+
+
+def input_prefix(spec: JobSpec) -> str:
+    """input_shards_prefix, after preparing infer.source into it when the spec sets one."""
+    if spec.infer.source is None:
+        return input_shards_prefix(spec)
     from vlm_ray.stages.prepare import prepare_dataset
 
     prepare_dataset(
@@ -63,7 +70,7 @@ def input_prefix(spec: JobSpec) -> str:
         prompt=spec.infer.prompt,
         rows_per_shard=spec.infer.rows_per_shard,
     )
-    return f"{layout.INFER_INPUT}/all"
+    return input_shards_prefix(spec)
 
 
 def _shard_id_of(key: str) -> str:
