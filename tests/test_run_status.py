@@ -76,3 +76,12 @@ def test_the_command_prints_lines_or_json(store, write_prepared, capsys, tmp_pat
 
 def _endpoint(store) -> str | None:
     return getattr(store, "endpoint_url", None)
+
+
+def test_an_image_source_not_yet_prepared_says_infer_will_prepare_it(tmp_path):
+    spec = infer_spec(str(tmp_path / "run"), "unused", infer={"source": str(tmp_path / "images")})
+
+    (infer,) = [s for s in run_status(spec)["stages"] if s["stage"] == "infer"]
+
+    assert infer["state"] == "not started"
+    assert infer["detail"] == "no input shards yet (infer prepares infer.source first)"
