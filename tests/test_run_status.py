@@ -7,6 +7,7 @@ the states in between: work committed part way, checkpoints without a trained mo
 from __future__ import annotations
 
 import json
+import time
 
 from test_infer_loading import infer_spec
 
@@ -33,6 +34,10 @@ def test_a_run_interrupted_part_way_shows_what_is_committed(store, write_prepare
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "trainer_state.json").write_text("{}")
     upload_checkpoint(store, tmp_path / "ckpt", step=20, keep=2)
+    # What train/metrics_log.py flushes while training: one line per logging step.
+    now = time.time()
+    lines = [{"step": 20, "loss": 0.7, "time": now}, {"step": 25, "loss": 0.5, "time": now}]
+    store.write_text(layout.TRAIN_METRICS, "".join(json.dumps(r) + "\n" for r in lines))
     ShardLedger(store, layout.predictions_dir("base")).commit(
         "shard-00000", {"rows": 3, "errors": 1}
     )
@@ -47,8 +52,14 @@ def test_a_run_interrupted_part_way_shows_what_is_committed(store, write_prepare
         "evaluate": "not started",
     }
     stages = {s["stage"]: s for s in status["stages"]}
-    assert stages["train"]["facts"] == {"last_checkpoint_step": 20}
-    assert "last checkpoint at step 20 of 60" in stages["train"]["detail"]
+    assert stages["train"]["facts"] == {
+        "last_logged_step": 25,
+        "last_loss": 0.5,
+        "last_checkpoint_step": 20,
+    }
+    assert stages["train"]["detail"].startswith(
+        "step 25/60 logged (loss 0.5, 0 s ago); last checkpoint at step 20"
+    )
     assert stages["infer"]["facts"]["models"] == {
         "base": {"shards_done": 1, "shards": 2, "rows": 3, "errors": 1},
         "finetuned": {"shards_done": 0, "shards": 2, "rows": 0, "errors": 0},

@@ -7,6 +7,7 @@ runs it: from CI, a cron job, or a laptop pointed at the bucket. Nothing here wr
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from vlm_ray.data.shards import list_shards
 from vlm_ray.ledger import ShardLedger
 from vlm_ray.storage import Store, open_store
 from vlm_ray.train.checkpoints import completed_checkpoint_steps
+from vlm_ray.train.metrics_log import read_metrics
 
 State = Literal["done", "partial", "not started"]
 
@@ -73,16 +75,36 @@ def _train_status(store: Store, spec: JobSpec) -> StageStatus:
             facts,
         )
     steps = completed_checkpoint_steps(store)
-    if steps:
-        of = f" of {spec.train.max_steps}" if spec.train.max_steps else ""
-        return StageStatus(
-            "train",
-            "partial",
-            f"last checkpoint at step {steps[-1]}{of} (running, or interrupted: re-running train "
-            "resumes from it)",
-            {"last_checkpoint_step": steps[-1]},
+    # metrics.jsonl is rewritten every 30 s or so while training runs (train/metrics_log.py).
+    logged = [r for r in read_metrics(store) if "loss" in r]
+    if not steps and not logged:
+        return StageStatus("train", "not started", "no checkpoint, no trained model")
+    facts: dict[str, Any] = {}
+    parts = []
+    if logged:
+        last = logged[-1]
+        facts.update(last_logged_step=last["step"], last_loss=last["loss"])
+        of = f"/{spec.train.max_steps}" if spec.train.max_steps else ""
+        ago = max(0.0, time.time() - last["time"]) if "time" in last else None
+        parts.append(
+            f"step {last['step']}{of} logged (loss {last['loss']:.4g}"
+            + (f", {_ago(ago)} ago)" if ago is not None else ")")
         )
-    return StageStatus("train", "not started", "no checkpoint, no trained model")
+    if steps:
+        facts["last_checkpoint_step"] = steps[-1]
+        parts.append(f"last checkpoint at step {steps[-1]}")
+    else:
+        parts.append("no checkpoint yet")
+    detail = "; ".join(parts) + " (running, or interrupted: re-running train resumes)"
+    return StageStatus("train", "partial", detail, facts)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
