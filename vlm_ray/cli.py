@@ -153,8 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
             "interrupted: re-running resumes) or not started, with its numbers."
         ),
     )
-    status_p.add_argument("--config", "-c")
-    status_p.add_argument("overrides", nargs="*", metavar="key=value")
+    status_p.add_argument(
+        "--config", "-c", help="The run's job spec (a local copy of <run>/spec.yaml works too)."
+    )
+    status_p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. run.uri=s3://bucket/runs/r1"
+    )
     status_p.add_argument("--json", action="store_true", help="Print the status as JSON.")
     tiny = sub.add_parser(
         "tiny-model",
