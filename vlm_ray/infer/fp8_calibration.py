@@ -55,6 +55,8 @@ def calibration_input_amax(
         prepare_inputs,
         processor_device,
         prompt_messages,
+        size_batches,
+        size_key,
         try_decode_image,
     )
 
@@ -63,9 +65,11 @@ def calibration_input_amax(
     if not usable:
         raise ValueError(f"none of the {len(rows)} calibration rows has an image that decodes")
     device = processor_device(model, processor)
+    # Batched as generation batches them: images of one size together.
+    keys = [size_key(row) for row, _ in usable]
     with record_input_amax(model, names) as amax, torch.inference_mode():
-        for start in range(0, len(usable), batch_size):
-            batch = usable[start : start + batch_size]
+        for indices in size_batches(keys, batch_size):
+            batch = [usable[i] for i in indices]
             inputs = prepare_inputs(
                 processor, [img for _, img in batch], [prompt_messages(r) for r, _ in batch], device
             ).to(model.device)

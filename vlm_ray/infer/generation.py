@@ -56,6 +56,11 @@ def prompt_messages(row: dict[str, Any]) -> list[dict]:
     return to_messages(row["prompt"], None, row.get("system_prompt"))
 
 
+def size_key(row: dict[str, Any]) -> tuple[int, int]:
+    """A row's batching key: same pixel count -> same number of image tokens; then the prompt's length."""
+    return image_pixels(row), len(row["prompt"] or "")
+
+
 def size_batches(keys: list[tuple], batch_size: int) -> list[list[int]]:
     """Row indices grouped into batches of similar size (sorted by key): fewer pad tokens per batch."""
     order = sorted(range(len(keys)), key=lambda i: (keys[i], i))
@@ -236,8 +241,7 @@ def predict_table(
     """
     rows = table.to_pylist()
     records: list[dict[str, Any] | None] = [None] * len(rows)
-    # Same pixel count -> same number of image tokens; then the prompt's length.
-    keys = [(image_pixels(row), len(row["prompt"] or "")) for row in rows]
+    keys = [size_key(row) for row in rows]
     batches = size_batches(keys, gen.batch_size)
     gen_kwargs = generation_kwargs(gen)
     device = processor_device(model, processor)
