@@ -29,6 +29,7 @@ Every row carries its time (median of --repeat, after --warmup), its TFLOPS, and
 against bf16: max |difference| / max |bf16 output|.
 
     python bench/vision_kernels.py --out $R/vision_kernels.jsonl            # on the GPU (~1 min)
+    python bench/vision_kernels.py --language --out ...                     # + the language model's
     python bench/vision_kernels.py --device cpu --images 2 --patches 64     # a plumbing check
 """
 
@@ -48,6 +49,15 @@ LINEARS = {
     "proj": (WIDTH, WIDTH),
     "fc1": (WIDTH, MLP),
     "fc2": (MLP, WIDTH),
+}
+# With --language: the 2B language model's linear layers (SHAPES["2b"]: hidden 1536, 12 heads and
+# 2 KV heads of 128, MLP 8960), in the prefill (every token of the batch) and in one decoding
+# step (one token per image): what infer.fp8: all with static scales would change there.
+LANGUAGE_LINEARS = {
+    "lm.q,o": (1536, 1536),
+    "lm.k,v": (1536, 256),
+    "lm.gate,up": (1536, 8960),
+    "lm.down": (8960, 1536),
 }
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 
@@ -155,11 +165,14 @@ def quantize_static(x, inverse_scale):
     return (x.float() * inverse_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def linear_rows(name: str, tokens: int, device: str, time_it, compile_scaling: bool) -> list[dict]:
-    """One vision linear layer over `tokens` patches, in bf16 and the float8 ways."""
+def linear_rows(
+    name: str, tokens: int, device: str, time_it, compile_scaling: bool, shape=None
+) -> list[dict]:
+    """One linear layer (a vision one by name, or `shape` = (in, out)) over `tokens` rows, in
+    bf16 and the float8 ways."""
     import torch
 
-    k_in, n_out = LINEARS[name]
+    k_in, n_out = shape or LINEARS[name]
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(tokens, k_in, device=device, dtype=torch.bfloat16, generator=gen)
     w = (torch.randn(n_out, k_in, device=device, generator=gen) / k_in**0.5).to(torch.bfloat16)
@@ -243,6 +256,14 @@ def measure(a: argparse.Namespace) -> list[dict]:
         rows += linear_rows(name, a.images * a.patches, a.device, time_it, compile_scaling)
         if a.device == "cuda":
             torch.cuda.empty_cache()
+    if a.language:
+        for name, shape in LANGUAGE_LINEARS.items():
+            for phase, tokens in (("prefill", a.images * a.language_tokens), ("decode", a.images)):
+                rows += linear_rows(
+                    f"{name} {phase}", tokens, a.device, time_it, compile_scaling, shape
+                )
+            if a.device == "cuda":
+                torch.cuda.empty_cache()
     context = {
         "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -250,6 +271,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
         "images": a.images,
         "patches": a.patches,
         "scaling_compiled": compile_scaling,
+        "language_tokens_per_image": a.language_tokens if a.language else None,
     }
     return [{**context, **row} for row in rows]
 
@@ -271,6 +293,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--images", type=int, default=512, help="images per batch (inference runs 7-10: 512)"
     )
     p.add_argument("--patches", type=int, default=1024, help="patches per image (448 px: 1,024)")
+    p.add_argument(
+        "--language",
+        action="store_true",
+        help="also the 2B language model's linear layers, in the prefill and one decoding step",
+    )
+    p.add_argument(
+        "--language-tokens",
+        type=int,
+        default=280,
+        help="prompt tokens per image in the prefill (448 px: 256 image tokens + the text's)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument(
