@@ -10,6 +10,7 @@ tests/test_infer_gpu.py's, and its speed bench/infer_speed.py's.
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -23,6 +24,7 @@ from vlm_ray.infer.fp8_calibration import (
     SCALES_FILE,
     Fp8Calibration,
     calibrated_input_scales,
+    commit_or_read,
     quantize_linears_static,
 )
 from vlm_ray.infer.loading import ModelRef, load_for_inference
@@ -168,7 +170,7 @@ def test_static_float8_model_calibrates_commits_its_scales_and_stays_close(calib
 
 
 def test_a_later_attempt_reads_the_committed_scales_instead_of_calibrating_again(
-    calibration_setup,
+    calibration_setup, caplog
 ):
     store, model, processor, calibration = calibration_setup
     names = fp8_target_linears(model, "vision")
@@ -176,11 +178,25 @@ def test_a_later_attempt_reads_the_committed_scales_instead_of_calibrating_again
     committed = store.read_bytes(calibration().scales_key)
 
     # One row would calibrate to other maxima; the committed file wins, untouched.
-    again = calibrated_input_scales(model, processor, names, calibration(rows=1), 4)
+    with caplog.at_level(logging.INFO, logger="vlm_ray.infer.fp8_calibration"):
+        again = calibrated_input_scales(model, processor, names, calibration(rows=1), 4)
 
     assert again == first
     assert store.read_bytes(calibration().scales_key) == committed
+    assert [r.getMessage() for r in caplog.records] == [
+        f"infer.fp8_scaling=static: 4 layer scales read from {store.uri_of(calibration().scales_key)}"
+    ]
     assert store.read_json(calibration().scales_key)["calibrated_on"]["rows"] == 4
+
+
+def test_of_two_actors_committing_scales_the_first_wins_and_the_second_gets_its(store):
+    key = f"{layout.predictions_dir('base')}/{SCALES_FILE}"
+
+    first, first_ours = commit_or_read(store, key, {"layers": {"a": {"input_scale": 1.0}}})
+    second, second_ours = commit_or_read(store, key, {"layers": {"a": {"input_scale": 2.0}}})
+
+    assert (first_ours, second_ours) == (True, False)
+    assert first == second == store.read_json(key) == {"layers": {"a": {"input_scale": 1.0}}}
 
 
 def test_scales_made_for_other_settings_are_refused_naming_the_file(calibration_setup):

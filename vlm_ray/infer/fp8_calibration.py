@@ -109,9 +109,10 @@ def calibrated_input_scales(
         "format": "input float8 e4m3 scale per linear layer: x_fp8 = clamp(x / scale, +-448)",
         "layers": {n: {"input_amax": amax[n], "input_scale": scales[n]} for n in sorted(scales)},
     }
-    if not store.create_exclusive(key, json.dumps(payload, indent=1).encode()):
+    committed, ours = commit_or_read(store, key, payload)
+    if not ours:
         log.info("infer.fp8_scaling=static: another actor committed its scales first; using them")
-        return _read_scales(store, key, names, calibration.fingerprint)
+        return _checked_scales(committed, store.uri_of(key), names, calibration.fingerprint)
     log.info(
         "infer.fp8_scaling=static: %d layers calibrated on %d rows of %s in %.1f s -> %s",
         len(scales),
@@ -123,9 +124,26 @@ def calibrated_input_scales(
     return scales
 
 
+def commit_or_read(store: Store, key: str, payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create `key` holding `payload` unless it exists (a create-only write: of racing writers
+    exactly one wins); returns what the key then holds, and whether it is this payload."""
+    if store.create_exclusive(key, json.dumps(payload, indent=1).encode()):
+        return payload, True
+    return store.read_json(key), False
+
+
 def _read_scales(store: Store, key: str, names: list[str], fingerprint: str) -> dict[str, float]:
-    payload = store.read_json(key)
-    where = store.uri_of(key)
+    scales = _checked_scales(store.read_json(key), store.uri_of(key), names, fingerprint)
+    log.info(
+        "infer.fp8_scaling=static: %d layer scales read from %s", len(scales), store.uri_of(key)
+    )
+    return scales
+
+
+def _checked_scales(
+    payload: dict[str, Any], where: str, names: list[str], fingerprint: str
+) -> dict[str, float]:
+    """The per-layer input scales of a scales file, refused when made for other settings."""
     if payload.get("fingerprint") != fingerprint:
         raise ValueError(
             f"{where} holds float8 scales calibrated for other predictions settings; delete it "
@@ -137,7 +155,6 @@ def _read_scales(store: Store, key: str, names: list[str], fingerprint: str) -> 
             f"{where} has scales for {len(layers)} layers, and this model has {len(names)} "
             "float8 layers under the same settings; delete it to calibrate again"
         )
-    log.info("infer.fp8_scaling=static: %d layer scales read from %s", len(layers), where)
     return {name: float(layer["input_scale"]) for name, layer in layers.items()}
 
 
