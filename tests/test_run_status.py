@@ -96,3 +96,26 @@ def test_an_image_source_not_yet_prepared_says_infer_will_prepare_it(tmp_path):
 
     assert infer["state"] == "not started"
     assert infer["detail"] == "no input shards yet (infer prepares infer.source first)"
+
+
+def test_a_first_shard_and_first_logged_steps_count_as_partial_and_stale_markers_do_not_count(
+    store, write_prepared
+):
+    write_prepared(store, rows=6, heldout=6, rows_per_shard=3)  # held-out shards 00000, 00001
+    ledger = ShardLedger(store, layout.predictions_dir("base"))
+    ledger.commit("shard-00000", {"rows": 3, "errors": 0})
+    ledger.commit("shard-00007", {"rows": 9, "errors": 0})  # from an input that is gone
+    store.write_text(layout.TRAIN_METRICS, json.dumps({"step": 5, "loss": 2.0}) + "\n")
+    spec = infer_spec(store.uri, "unused", endpoint=_endpoint(store), infer={"models": ["base"]})
+
+    stages = {s["stage"]: s for s in run_status(spec)["stages"]}
+
+    assert stages["infer"]["state"] == "partial"
+    assert stages["infer"]["facts"]["models"]["base"] == {
+        "shards_done": 1,
+        "shards": 2,
+        "rows": 3,
+        "errors": 0,
+    }
+    assert stages["train"]["state"] == "partial"
+    assert stages["train"]["detail"].startswith("step 5 logged (loss 2); no checkpoint yet")
