@@ -39,7 +39,7 @@ def test_a_run_interrupted_part_way_shows_what_is_committed(store, write_prepare
     lines = [{"step": 20, "loss": 0.7, "time": now}, {"step": 25, "loss": 0.5, "time": now}]
     store.write_text(layout.TRAIN_METRICS, "".join(json.dumps(r) + "\n" for r in lines))
     ShardLedger(store, layout.predictions_dir("base")).commit(
-        "shard-00000", {"rows": 3, "errors": 1}
+        "shard-00000", {"rows": 3, "errors": 1, "seconds": 1.5}
     )
     spec = infer_spec(store.uri, "unused", endpoint=_endpoint(store), train={"max_steps": 60})
 
@@ -61,10 +61,14 @@ def test_a_run_interrupted_part_way_shows_what_is_committed(store, write_prepare
         "step 25/60 logged (loss 0.5, 0 s ago); last checkpoint at step 20"
     )
     assert stages["infer"]["facts"]["models"] == {
-        "base": {"shards_done": 1, "shards": 2, "rows": 3, "errors": 1},
+        # 3 rows in the 1.5 s the one committed shard took: 2 images/s, one shard of 3 left
+        "base": {"shards_done": 1, "shards": 2, "rows": 3, "errors": 1, "images_per_s": 2.0},
         "finetuned": {"shards_done": 0, "shards": 2, "rows": 0, "errors": 0},
     }
-    assert "base 1/2 shards, 3 rows (1 errors)" in stages["infer"]["detail"]
+    assert (
+        "base 1/2 shards, 3 rows (1 errors), 2.0 images/s: ~2 s of work left"
+        in (stages["infer"]["detail"])
+    )
 
 
 def test_the_command_prints_lines_or_json(store, write_prepared, capsys, tmp_path):

@@ -88,7 +88,7 @@ def _train_status(store: Store, spec: JobSpec) -> StageStatus:
         ago = max(0.0, time.time() - last["time"]) if "time" in last else None
         parts.append(
             f"step {last['step']}{of} logged (loss {last['loss']:.4g}"
-            + (f", {_ago(ago)} ago)" if ago is not None else ")")
+            + (f", {_duration(ago)} ago)" if ago is not None else ")")
         )
     if steps:
         facts["last_checkpoint_step"] = steps[-1]
@@ -99,7 +99,18 @@ def _train_status(store: Store, spec: JobSpec) -> StageStatus:
     return StageStatus("train", "partial", detail, facts)
 
 
-def _ago(seconds: float) -> str:
+def _images_per_s(records: list[dict[str, Any]]) -> float | None:
+    """Rows committed per second, from the first committed shard's start to the last commit
+    (every actor together); None without the timing fields or with a span of zero."""
+    timed = [r for r in records if "committed_at" in r and "seconds" in r]
+    if not timed:
+        return None
+    start = min(r["committed_at"] - r["seconds"] for r in timed)
+    span = max(r["committed_at"] for r in timed) - start
+    return sum(r["rows"] for r in timed) / span if span > 0 else None
+
+
+def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -128,10 +139,16 @@ def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
             "errors": sum(r["errors"] for r in done),
         }
         states.append("done" if len(done) == len(wanted) else "partial" if done else "not started")
-        parts.append(
+        part = (
             f"{tag} {len(done)}/{len(wanted)} shards, {per_tag[tag]['rows']} rows "
             f"({per_tag[tag]['errors']} errors)"
         )
+        rate = _images_per_s(done)
+        if rate and states[-1] == "partial":
+            per_tag[tag]["images_per_s"] = round(rate, 2)
+            left_s = (len(wanted) - len(done)) * per_tag[tag]["rows"] / len(done) / rate
+            part += f", {rate:.1f} images/s: ~{_duration(left_s)} of work left"
+        parts.append(part)
     state: State = (
         "done"
         if all(s == "done" for s in states)
