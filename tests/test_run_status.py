@@ -109,7 +109,9 @@ def test_a_first_shard_and_first_logged_steps_count_as_partial_and_stale_markers
     ledger = ShardLedger(store, layout.predictions_dir("base"))
     ledger.commit("shard-00000", {"rows": 3, "errors": 0})
     ledger.commit("shard-00007", {"rows": 9, "errors": 0})  # from an input that is gone
-    store.write_text(layout.TRAIN_METRICS, json.dumps({"step": 5, "loss": 2.0}) + "\n")
+    store.write_text(
+        layout.TRAIN_METRICS, json.dumps({"step": 5, "epoch": 0.25, "loss": 2.0}) + "\n"
+    )
     spec = infer_spec(store.uri, "unused", endpoint=_endpoint(store), infer={"models": ["base"]})
 
     stages = {s["stage"]: s for s in run_status(spec)["stages"]}
@@ -122,4 +124,7 @@ def test_a_first_shard_and_first_logged_steps_count_as_partial_and_stale_markers
         "errors": 0,
     }
     assert stages["train"]["state"] == "partial"
-    assert stages["train"]["detail"].startswith("step 5 logged (loss 2); no checkpoint yet")
+    # Trained by epochs (num_train_epochs, default 1): where in them it got to
+    assert stages["train"]["detail"].startswith(
+        "step 5 (epoch 0.25/1) logged (loss 2); no checkpoint yet"
+    )

@@ -84,10 +84,17 @@ def _train_status(store: Store, spec: JobSpec) -> StageStatus:
     if logged:
         last = logged[-1]
         facts.update(last_logged_step=last["step"], last_loss=last["loss"])
-        of = f"/{spec.train.max_steps}" if spec.train.max_steps else ""
+        if spec.train.max_steps:
+            where = f"step {last['step']}/{spec.train.max_steps}"
+        elif last.get("epoch") is not None:
+            where = (
+                f"step {last['step']} (epoch {last['epoch']:.2f}/{spec.train.num_train_epochs:g})"
+            )
+        else:
+            where = f"step {last['step']}"
         ago = max(0.0, time.time() - last["time"]) if "time" in last else None
         parts.append(
-            f"step {last['step']}{of} logged (loss {last['loss']:.4g}"
+            f"{where} logged (loss {last['loss']:.4g}"
             + (f", {_duration(ago)} ago)" if ago is not None else ")")
         )
     if steps:
