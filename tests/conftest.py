@@ -34,6 +34,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def restore_root_logging() -> Iterator[None]:
+    """Undo what a test's in-process `vlm-ray` call (cli.setup_logging) does to the root logger:
+    its handler writes to that test's captured stream, which is closed after the test, and the
+    next test's log lines would fail on it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible server (moto's) on 127.0.0.1, started for this session."""

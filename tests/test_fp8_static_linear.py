@@ -178,6 +178,7 @@ def test_a_later_attempt_reads_the_committed_scales_instead_of_calibrating_again
     committed = store.read_bytes(calibration().scales_key)
 
     # One row would calibrate to other maxima; the committed file wins, untouched.
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="vlm_ray.infer.fp8_calibration"):
         again = calibrated_input_scales(model, processor, names, calibration(rows=1), 4)
 
