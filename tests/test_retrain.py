@@ -10,6 +10,7 @@ import pytest
 
 from vlm_ray import layout
 from vlm_ray.config import JobSpec, load_spec
+from vlm_ray.run_status import run_status
 from vlm_ray.stages.promote import CHAMPION_TAG, CURRENT, PROMOTIONS
 from vlm_ray.storage import open_store
 
@@ -66,3 +67,19 @@ def test_first_run_is_promoted_and_an_equal_challenger_keeps_the_champion(
     again = run_retrain(_spec(tmp_path, "r2", quick_demo_overrides, "promote.margin=0.05"))
     assert again["decision"] == "kept" and again["record"] == second["record"]
     assert len(list(root.list(PROMOTIONS))) == 2
+
+    # `vlm-ray status` shows each run's gate decision, and the champion to a run not yet decided.
+    (promote,) = [
+        s
+        for s in run_status(_spec(tmp_path, "r2", quick_demo_overrides))["stages"]
+        if s["stage"] == "promote"
+    ]
+    assert (promote["state"], promote["facts"]["decision"]) == ("done", "kept")
+    assert promote["detail"].endswith(f"-> {second['record']}")
+    (waiting,) = [
+        s
+        for s in run_status(_spec(tmp_path, "r3", quick_demo_overrides))["stages"]
+        if s["stage"] == "promote"
+    ]
+    assert waiting["state"] == "not started"
+    assert waiting["detail"] == f"no decision on this run; champion: {r1}"

@@ -21,24 +21,14 @@ from vlm_ray.config import JobSpec, spec_to_dict
 from vlm_ray.ray_cluster import init_ray
 from vlm_ray.stages.promote import (
     CHAMPION_TAG,
-    PROMOTIONS,
     promotion_root,
     read_champion,
+    recorded_decision,
     run_promote,
 )
-from vlm_ray.storage import Store, open_store
+from vlm_ray.storage import open_store
 
 log = logging.getLogger(__name__)
-
-
-def _earlier_decision(root_store: Store, run_uri: str) -> dict[str, Any] | None:
-    """The decision already recorded for this challenger run, if a previous submission got that far."""
-    for key in sorted(root_store.list(PROMOTIONS)):
-        if key.endswith(".json"):
-            record = root_store.read_json(key)
-            if record.get("challenger", {}).get("run") == run_uri:
-                return {**record, "record": root_store.uri_of(key)}
-    return None
 
 
 def _infer_champion(spec: JobSpec, champion_run: str) -> dict[str, Any]:
@@ -68,7 +58,7 @@ def run_retrain(spec: JobSpec) -> dict[str, Any]:
     root_store = open_store(root, endpoint)
     log.info("retrain: start (challenger run %s, promotion root %s)", run_store.uri, root_store.uri)
 
-    earlier = _earlier_decision(root_store, run_store.uri)
+    earlier = recorded_decision(root_store, run_store.uri)
     if earlier is not None:
         log.info(
             "retrain: %s was already decided (%s, %s); nothing to do",

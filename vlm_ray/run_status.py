@@ -182,8 +182,39 @@ def _evaluate_status(store: Store) -> StageStatus:
     )
 
 
+def _promote_status(store: Store, spec: JobSpec) -> StageStatus | None:
+    """The retraining gate's decision on this run; None for a run that is no retraining (no
+    promote.root set and no decision recorded beside it)."""
+    from vlm_ray.stages.promote import promotion_root, read_champion, recorded_decision
+
+    try:
+        root = open_store(promotion_root(spec), spec.run.s3_endpoint_url)
+    except ValueError:  # a run.uri without a parent folder, and no promote.root
+        return None
+    decision = recorded_decision(root, store.uri_of(""))
+    if decision is None:
+        if not spec.promote.root:
+            return None
+        champion = read_champion(root)
+        current = champion.get("run") if champion else "none yet"
+        return StageStatus(
+            "promote", "not started", f"no decision on this run; champion: {current}"
+        )
+    metric, champion = decision.get("metric"), decision.get("champion_score")
+    against = f" vs champion {champion:.4f}" if champion is not None else " (no champion yet)"
+    detail = (
+        f"{decision['decision']}: challenger {metric} {decision.get('challenger_score'):.4f}"
+        f"{against}; {decision.get('reason')} -> {decision['record']}"
+    )
+    facts = {
+        k: decision.get(k) for k in ("decision", "metric", "challenger_score", "champion_score")
+    }
+    return StageStatus("promote", "done", detail, facts)
+
+
 def run_status(spec: JobSpec) -> dict[str, Any]:
-    """Every stage's state for spec.run.uri, read from object storage only."""
+    """Every stage's state for spec.run.uri, read from object storage only (the retraining gate's
+    too, for a retraining run)."""
     store = open_store(spec.run.uri, spec.run.s3_endpoint_url)
     stages = [
         _prepare_status(store),
@@ -191,6 +222,9 @@ def run_status(spec: JobSpec) -> dict[str, Any]:
         _infer_status(store, spec),
         _evaluate_status(store),
     ]
+    promote = _promote_status(store, spec)
+    if promote is not None:
+        stages.append(promote)
     return {"run": store.uri_of(""), "stages": [asdict(s) for s in stages]}
 
 

@@ -95,6 +95,17 @@ def read_champion(root_store: Store) -> dict[str, Any] | None:
     return root_store.read_json(CURRENT)
 
 
+def recorded_decision(root_store: Store, run_uri: str) -> dict[str, Any] | None:
+    """The decision recorded for challenger run `run_uri` under the promotion root (with its
+    record's URI as "record"), or None if none was made yet."""
+    for key in sorted(root_store.list(PROMOTIONS)):
+        if key.endswith(".json"):
+            record = root_store.read_json(key)
+            if record.get("challenger", {}).get("run") == run_uri:
+                return {**record, "record": root_store.uri_of(key)}
+    return None
+
+
 def _record_decision(root_store: Store, record: dict[str, Any]) -> str:
     """Write promotions/<UTC time>.json create-only, so two decisions never overwrite each other."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
