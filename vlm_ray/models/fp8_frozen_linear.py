@@ -43,16 +43,28 @@ E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 
 
+def pow2_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest power of two s with amax / s <= `dtype`'s largest value, at least 2**-126
+    (float32's smallest normal number; a row of zeros gets that), in float32."""
+    ratio = torch.clamp(amax.float() / torch.finfo(dtype).max, min=2.0**-126)
+    return torch.exp2(torch.ceil(torch.log2(ratio)))
+
+
+def saturating_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t / scale in `dtype`: division by a power of two is exact, and the clamp makes an
+    out-of-range value saturate (CUDA's float8 cast would make it NaN)."""
+    fp8_max = torch.finfo(dtype).max
+    return (t.float() / scale).clamp(-fp8_max, fp8_max).to(dtype)
+
+
 def quantize_pow2(
     t: torch.Tensor, dtype: torch.dtype, rowwise: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t / scale in `dtype`, scale): power-of-two scales, one for the whole 2-D tensor, or with
     `rowwise` one per row (shape (rows, 1))."""
-    fp8_max = torch.finfo(dtype).max
-    amax = (t.abs().amax(dim=-1, keepdim=True) if rowwise else t.abs().amax()).float()
-    # Smallest power of two with |t| / scale <= fp8_max; a row of zeros gets scale 2**-126.
-    scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / fp8_max, min=2.0**-126))))
-    return (t.float() / scale).clamp(-fp8_max, fp8_max).to(dtype), scale
+    amax = t.abs().amax(dim=-1, keepdim=True) if rowwise else t.abs().amax()
+    scale = pow2_scale(amax, dtype)
+    return saturating_cast(t, scale, dtype), scale
 
 
 _quantize_compiled: Any = None

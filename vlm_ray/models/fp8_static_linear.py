@@ -33,18 +33,15 @@ from typing import Any
 
 import torch
 
-from vlm_ray.models.fp8_frozen_linear import E4M3, Float8Weight
+from vlm_ray.models.fp8_frozen_linear import E4M3, Float8Weight, pow2_scale, saturating_cast
 from vlm_ray.models.submodules import unwrapped
 
 log = logging.getLogger(__name__)
 
-FP8_MAX = torch.finfo(E4M3).max  # 448
-
 
 def cast_to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale in e4m3, saturating: division by a power of two is exact, and the clamp makes an
-    out-of-range value saturate (CUDA's cast would make it NaN)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+    """x / scale in e4m3, saturating (fp8_frozen_linear.saturating_cast)."""
+    return saturating_cast(x, scale, E4M3)
 
 
 _cast_compiled: Any = None
@@ -126,9 +123,8 @@ def static_input_scales(amax: dict[str, float]) -> dict[str, float]:
     for name, value in amax.items():
         if not math.isfinite(value):
             raise ValueError(f"calibration saw a non-finite input at {name} ({value})")
-        # At least 2**-126, float32's smallest normal number (the scale is a float32 tensor).
-        exponent = max(math.ceil(math.log2(value / FP8_MAX)), -126) if value else 0
-        scales[name] = 2.0**exponent
+        # The weights' rule (pow2_scale), computed in float32 as the scale is used
+        scales[name] = pow2_scale(torch.tensor(value), E4M3).item() if value else 1.0
     return scales
 
 
