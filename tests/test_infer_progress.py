@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from vlm_ray.durations import rough_duration
 from vlm_ray.infer import pool
 from vlm_ray.infer.pool import _Progress
 
@@ -23,7 +24,7 @@ def test_a_line_every_interval_with_the_recent_rate_and_the_time_left():
     first = progress.add({"rows": 100, "errors": 1})
     assert first == (
         f"infer[finetuned]: 1/10 shards, 100 images (1 errors), {100 / (2 * every):.2f} images/s "
-        f"({100 / (2 * every):.2f} recently), {pool._duration(9 * 2 * every)} left"
+        f"({100 / (2 * every):.2f} recently), {rough_duration(9 * 2 * every)} left"
     )
 
     clock.now += 1.0
@@ -34,7 +35,7 @@ def test_a_line_every_interval_with_the_recent_rate_and_the_time_left():
     # 200 images in the last interval: 7 shards of ~100 left at that rate.
     recent = 200 / every
     assert f"3/10 shards, 300 images (1 errors), {300 / (3 * every):.2f} images/s" in line
-    assert line.endswith(f"({recent:.2f} recently), {pool._duration(700 / recent)} left")
+    assert line.endswith(f"({recent:.2f} recently), {rough_duration(700 / recent)} left")
 
 
 def test_the_last_shard_always_logs_and_has_no_time_left():
@@ -49,9 +50,9 @@ def test_the_last_shard_always_logs_and_has_no_time_left():
 
 
 def test_time_left_reads_in_the_unit_a_person_would_use():
-    assert pool._duration(40) == "~40 s"
-    assert pool._duration(12 * 60) == "~12 min"
-    assert pool._duration(3.5 * 3600) == "~3.5 h"
+    assert rough_duration(40) == "~40 s"
+    assert rough_duration(12 * 60) == "~12 min"
+    assert rough_duration(3.5 * 3600) == "~3.5 h"
 
 
 def test_while_nothing_finishes_a_line_a_minute_says_what_the_first_batches_compile():
@@ -64,7 +65,7 @@ def test_while_nothing_finishes_a_line_a_minute_says_what_the_first_batches_comp
     clock.now += 1
     assert progress.waiting(in_flight=2) == (
         f"infer[base]: 0/4 shards done, 2 in flight, none finished in the last "
-        f"{pool._duration(quiet)}; each actor's first batch compiles the vision blocks: "
+        f"{rough_duration(quiet)}; each actor's first batch compiles the vision blocks: "
         "minutes, not a hang"
     )
     clock.now += 1

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
 from vlm_ray.data.shards import list_shards
+from vlm_ray.durations import rough_duration
 from vlm_ray.ledger import ShardLedger
 from vlm_ray.storage import Store, open_store
 from vlm_ray.train.checkpoints import completed_checkpoint_steps
@@ -95,7 +96,7 @@ def _train_status(store: Store, spec: JobSpec) -> StageStatus:
         ago = max(0.0, time.time() - last["time"]) if "time" in last else None
         parts.append(
             f"{where} logged (loss {last['loss']:.4g}"
-            + (f", {_duration(ago)} ago)" if ago is not None else ")")
+            + (f", {rough_duration(ago)} ago)" if ago is not None else ")")
         )
     if steps:
         facts["last_checkpoint_step"] = steps[-1]
@@ -115,14 +116,6 @@ def _images_per_s(records: list[dict[str, Any]]) -> float | None:
     start = min(r["committed_at"] - r["seconds"] for r in timed)
     span = max(r["committed_at"] for r in timed) - start
     return sum(r["rows"] for r in timed) / span if span > 0 else None
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
@@ -154,7 +147,7 @@ def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
         if rate and states[-1] == "partial":
             per_tag[tag]["images_per_s"] = round(rate, 2)
             left_s = (len(wanted) - len(done)) * per_tag[tag]["rows"] / len(done) / rate
-            part += f", {rate:.1f} images/s: ~{_duration(left_s)} of work left"
+            part += f", {rate:.1f} images/s: {rough_duration(left_s)} of work left"
         parts.append(part)
     state: State = (
         "done"

@@ -25,6 +25,7 @@ from typing import Any
 import ray
 
 from vlm_ray.config import JobSpec, parse_spec, spec_to_dict
+from vlm_ray.durations import rough_duration
 from vlm_ray.ledger import ShardLedger
 from vlm_ray.storage import open_store
 
@@ -285,7 +286,7 @@ class _Progress:
             return None
         line = (
             f"infer[{self.tag}]: {self.shards}/{self.total} shards done, {in_flight} in flight, "
-            f"none finished in the last {_duration(now - self.last_done)}"
+            f"none finished in the last {rough_duration(now - self.last_done)}"
         )
         if self.shards == 0 and self.compiling:
             line += f"; each actor's first batch compiles {self.compiling}: minutes, not a hang"
@@ -308,16 +309,7 @@ class _Progress:
         )
         if self.shards < self.total:
             left = (self.total - self.shards) * self.rows / self.shards
-            line += f" ({recent:.2f} recently), {_duration(left / max(recent, 1e-9))} left"
+            line += f" ({recent:.2f} recently), {rough_duration(left / max(recent, 1e-9))} left"
         self.last, self.rows_at_last = now, self.rows
         log.info(line)
         return line
-
-
-def _duration(seconds: float) -> str:
-    """Roughly, for a person: '~40 s', '~12 min', '~3.5 h'."""
-    if seconds < 90:
-        return f"~{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"~{seconds / 60:.0f} min"
-    return f"~{seconds / 3600:.1f} h"
