@@ -375,16 +375,29 @@ def mode_s(
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     key = "cuda_time_total" if cuda else "cpu_time_total"
     tables = []
-    profiled = [("prefill (1 new token)", one), (f"generate ({NEW_TOKENS})", kwargs)]
-    for what, gen_kwargs in profiled[: {"none": 0, "prefill": 1, "all": 2}[profile_what]]:
+    timelines: dict[str, dict] = {}
+    profiled = [
+        ("prefill (1 new token)", lambda: generate_batch(model, processor, inputs, one)),
+        (f"generate ({NEW_TOKENS})", lambda: generate_batch(model, processor, inputs, kwargs)),
+        # The steady state as the pool runs it: decoding and preprocessing threads beside generate.
+        (
+            f"predict_table ({len(rows)} rows)",
+            lambda: predict_table(model, processor, table, spec.generation),
+        ),
+    ]
+    for what, call in profiled[: {"none": 0, "prefill": 1, "all": 3}[profile_what]]:
         with profile(activities=activities) as prof:
-            generate_batch(model, processor, inputs, gen_kwargs)
+            call()
             if cuda:
                 torch.cuda.synchronize()
         events = prof.key_averages()
         for sort in dict.fromkeys([key, "cpu_time_total"]):
-            table = events.table(sort_by=sort, row_limit=30)
-            tables.append(f"## {what}, batch {bs}, by {sort}\n{table}")
+            text = events.table(sort_by=sort, row_limit=30)
+            tables.append(f"## {what}, batch {bs}, by {sort}\n{text}")
+        timeline = device_timeline(prof.events(), "CUDA" if cuda else "CPU")
+        print(f"mode s: {what}: {json.dumps(timeline)}", flush=True)
+        tables.append(f"## {what}, batch {bs}, device timeline\n{json.dumps(timeline, indent=1)}")
+        timelines[what] = {k: v for k, v in timeline.items() if k != "largest_gaps"}
     label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'' if FP8_SCALING == 'row' else '-' + FP8_SCALING}{'_cl' if COMPILE_LANGUAGE else ''}{'' if VISION_ATTENTION == 'auto' else '_' + VISION_ATTENTION}_bs{bs}"
     if tables and profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
@@ -404,8 +417,55 @@ def mode_s(
         "decode_s": round(generate_s - prefill_s, 3),
         "decode_ms_per_step": round(1e3 * (generate_s - prefill_s) / (NEW_TOKENS - 1), 2),
         "predict_table_images_per_s": round(len(rows) / table_s, 2),
+        "profiled_timelines": timelines,
         "peak_gib": round(torch_peak_gib(), 1) if cuda else None,
         **fidelity,
+    }
+
+
+def device_timeline(events, device: str, gaps: int = 12) -> dict:
+    """How busy the device was during one profiled call, and where it sat idle.
+
+    The kernel table says what the GPU ran, not whether it waited: the union of the device's
+    kernel intervals over the profile's wall span gives the busy fraction, and the largest idle
+    gaps (with the kernels either side) say which host work the GPU waited for.
+    """
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type.name == device and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return {"device": device, "kernels": 0}
+    wall = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    busy, idle = 0.0, []
+    cur_start, cur_end, cur_name = spans[0]
+    for start, end, name in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            idle.append((start - cur_end, cur_end - spans[0][0], cur_name, name))
+            cur_start = start
+        if end >= cur_end:
+            cur_end, cur_name = end, name
+    busy += cur_end - cur_start
+    idle.sort(reverse=True)
+    return {
+        "device": device,
+        "kernels": len(spans),
+        "wall_ms": round(wall / 1e3, 1),
+        "busy_ms": round(busy / 1e3, 1),
+        "busy_fraction": round(busy / wall, 3),
+        "idle_gaps_over_1ms": sum(1 for g in idle if g[0] > 1e3),
+        "idle_ms_in_gaps_over_1ms": round(sum(g[0] for g in idle if g[0] > 1e3) / 1e3, 1),
+        "largest_gaps": [
+            {
+                "ms": round(g / 1e3, 2),
+                "at_ms": round(at / 1e3, 1),
+                "after": a[:60],
+                "before": b[:60],
+            }
+            for g, at, a, b in idle[:gaps]
+        ],
     }
 
 
