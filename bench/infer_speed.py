@@ -56,6 +56,9 @@ FP8 = os.environ.get("BENCH_FP8") or "off"  # infer.fp8 in c and s
 COMPILE_LANGUAGE = os.environ.get("BENCH_COMPILE_LANGUAGE") == "1"  # infer.compile_language
 FP8_SCALING = os.environ.get("BENCH_FP8_SCALING") or "row"  # infer.fp8_scaling
 VISION_ATTENTION = os.environ.get("BENCH_VISION_ATTENTION") or "auto"  # infer.vision_attention
+# mode s only: "default" runs the processor on generation's stream (generation.SIDE_STREAM off),
+# the A/B of the processor's own stream; the pool (mode c) always uses its own stream.
+PREPROCESS_STREAM = os.environ.get("BENCH_PREPROCESS_STREAM") or "side"
 
 
 def build_model(shape: str, out: Path) -> Path:
@@ -318,6 +321,7 @@ def mode_s(
     from torch.profiler import ProfilerActivity, profile
 
     from vlm_ray.config import parse_spec
+    from vlm_ray.infer import generation
     from vlm_ray.infer.generation import (
         _decode_image,
         generate_batch,
@@ -330,6 +334,7 @@ def mode_s(
     from vlm_ray.infer.loading import ModelRef, load_for_inference
     from vlm_ray.models.submodules import inner_module
 
+    generation.SIDE_STREAM = PREPROCESS_STREAM == "side"
     spec = parse_spec(bench_spec("/tmp/unused", model_dir, engine, bs))
     model, processor, note = load_for_inference(
         spec, ModelRef("base", str(model_dir)), static_fp8_calibration(spec, size)
@@ -398,7 +403,7 @@ def mode_s(
         print(f"mode s: {what}: {json.dumps(timeline)}", flush=True)
         tables.append(f"## {what}, batch {bs}, device timeline\n{json.dumps(timeline, indent=1)}")
         timelines[what] = {k: v for k, v in timeline.items() if k != "largest_gaps"}
-    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'' if FP8_SCALING == 'row' else '-' + FP8_SCALING}{'_cl' if COMPILE_LANGUAGE else ''}{'' if VISION_ATTENTION == 'auto' else '_' + VISION_ATTENTION}_bs{bs}"
+    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'' if FP8_SCALING == 'row' else '-' + FP8_SCALING}{'_cl' if COMPILE_LANGUAGE else ''}{'' if VISION_ATTENTION == 'auto' else '_' + VISION_ATTENTION}{'' if PREPROCESS_STREAM == 'side' else '_onestream'}_bs{bs}"
     if tables and profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         (profile_dir / f"profile_s_{label}.txt").write_text("\n".join(tables))
@@ -643,6 +648,7 @@ def main() -> None:
         fp8_scaling=FP8_SCALING,
         vision_attention=VISION_ATTENTION,
         compile_language=COMPILE_LANGUAGE,
+        preprocess_stream=PREPROCESS_STREAM if a.run_mode == "s" else "side",
         shape=a.shape,
         size=a.size,
         new_tokens=NEW_TOKENS,

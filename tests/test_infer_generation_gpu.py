@@ -1,0 +1,50 @@
+"""On the GPU machine: the image processor's work on a CUDA stream of its own (skipped without CUDA).
+
+On generation's stream, each of the processor's per-image copies waited for the generation
+kernels queued ahead of it (inference run 13's profile); on its own stream it must not change a
+single prediction, over batches that really overlap.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from test_infer_generation import GREEDY, _rows
+
+from vlm_ray.infer import generation
+
+
+@pytest.fixture
+def on_cuda(tiny_generator, new_tiny_generator_model):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _, processor = tiny_generator
+    return new_tiny_generator_model().to("cuda").eval(), processor
+
+
+@pytest.mark.gpu
+def test_the_processor_runs_on_a_stream_of_its_own_next_to_generation(on_cuda):
+    import torch
+
+    model, processor = on_cuda
+    device = generation.processor_device(model, processor)
+    assert device is not None and device.type == "cuda", "the tiny processor runs on the GPU"
+    stream = generation.preprocess_stream(device)
+    assert stream is not None and stream != torch.cuda.current_stream(device)
+
+
+@pytest.mark.gpu
+def test_the_processors_own_stream_predicts_exactly_what_generations_stream_does(
+    on_cuda, monkeypatch
+):
+    model, processor = on_cuda
+    # 14 rows in batches of 4 of two sizes: the next batch is prepared while one generates
+    sizes = [(84, 56), (56, 56)] * 7
+    table = pa.Table.from_pylist(_rows(sizes))
+    own_stream = generation.predict_table(model, processor, table, GREEDY)
+    monkeypatch.setattr(generation, "SIDE_STREAM", False)
+    one_stream = generation.predict_table(model, processor, table, GREEDY)
+    assert [r["id"] for r in own_stream] == [f"row-{i}" for i in range(14)]
+    assert all(r["error"] is None and r["tokens"] > 0 for r in own_stream)
+    assert [r["prediction"] for r in own_stream] == [r["prediction"] for r in one_stream]
