@@ -132,7 +132,8 @@ def rows_for(base: str, a: argparse.Namespace) -> list[dict]:
         ),
         # every layer in one make_graphed_callables call: one memory pool shared by all of them
         "graphs in one pool": lambda: chained(
-            torch.cuda.make_graphed_callables(tuple(layers), samples())
+            # one tuple of sample args per callable (run 22 passed bare tensors: a TypeError)
+            torch.cuda.make_graphed_callables(tuple(layers), tuple((s,) for s in samples()))
         ),
     }
 
