@@ -148,14 +148,25 @@ def make_clock():
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.begins: list[float] = []
+            self.ends: list[float] = []
 
         def on_step_begin(self, *a, **k):
             torch.cuda.synchronize()
             self.t = time.perf_counter()
+            self.begins.append(self.t)
 
         def on_step_end(self, *a, **k):
             torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.t)
+            self.ends.append(time.perf_counter())
+            self.times.append(self.ends[-1] - self.t)
+
+        def window_s(self, warmup: int, upto: int | None = None) -> float | None:
+            """Wall time from the first timed step's begin to the last timed step's end."""
+            ends = self.ends[:upto]
+            if len(ends) <= warmup:
+                return None
+            return ends[-1] - self.begins[warmup]
 
     return StepClock()
 
@@ -327,23 +338,30 @@ def make_memory_sites(step: int):
     return MemorySites()
 
 
-def steady(times: list[float], warmup: int, batch: int) -> dict:
-    """Throughput over the timed steps (their mean), with their median and slowest step.
+def steady(times: list[float], warmup: int, batch: int, window_s: float | None = None) -> dict:
+    """Throughput over the timed steps, with their median and slowest step.
 
-    samples/s stays the mean's: a stall in the timed window (27 s in one batch-64 step of run 16,
-    most likely a recompile on a new padded length) is time the run really spent. The median and max
-    show whether the mean hides one.
+    With window_s (the wall time from the first timed step's begin to the last one's end), the
+    throughput is the timed steps' samples over that window: everything the run spent, between
+    the step callbacks too. Run 21's callback intervals held a few implausibly short steps
+    (its mean 848.6 ms against a median of 1,065.4 ms, while its progress bar paced ~1.1 s per
+    step), so a mean of the intervals can overstate the speed; short_steps counts the intervals
+    under half the median. Without window_s (tests, old callers) the intervals' mean is used.
+    A stall in the timed window (27 s in one batch-64 step of run 16, most likely a recompile)
+    is time the run really spent, so it stays in; the median and max show whether it is there.
     """
     timed = times[warmup:]
     if not timed:
         return {"error": f"only {len(times)} steps ran, {warmup} were warm-up"}
-    mean = statistics.mean(timed)
+    median = statistics.median(timed)
+    step = window_s / len(timed) if window_s else statistics.mean(timed)
     return {
-        "samples_per_s": round(batch / mean, 3),
-        "step_ms": round(mean * 1e3, 1),
-        "median_step_ms": round(statistics.median(timed) * 1e3, 1),
+        "samples_per_s": round(batch / step, 3),
+        "step_ms": round(step * 1e3, 1),
+        "median_step_ms": round(median * 1e3, 1),
         "max_step_ms": round(max(timed) * 1e3, 1),
         "timed_steps": len(timed),
+        "short_steps": sum(1 for t in timed if t < median / 2),
         "first_step_s": round(times[0], 1),
     }
 
@@ -447,7 +465,7 @@ def mode_hf(a, model_dir: Path) -> dict:
         callbacks=[clock],
     )
     trainer.train()
-    res = steady(clock.times, a.warmup, a.batch)
+    res = steady(clock.times, a.warmup, a.batch, clock.window_s(a.warmup))
     b = collate([{"i": i} for i in range(a.batch)])
     res.update(
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -523,7 +541,7 @@ def mode_unsloth(a, model_dir: Path, load_in_4bit: bool = False) -> dict:
         callbacks=[clock],
     )
     trainer.train()
-    res = steady(clock.times, a.warmup, a.batch)
+    res = steady(clock.times, a.warmup, a.batch, clock.window_s(a.warmup))
     res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     t = time.perf_counter()
     batch = collator(data[: a.batch])
@@ -674,7 +692,9 @@ def mode_stage(a, model_dir: Path) -> dict:
             timed = a.warmup + a.steps
 
             def timing() -> dict:
-                return steady(clock.times[:timed], a.warmup, a.batch)
+                return steady(
+                    clock.times[:timed], a.warmup, a.batch, clock.window_s(a.warmup, timed)
+                )
 
             # The figure exists once the timed steps are done: printed then (Ray forwards it), it
             # survives a `timeout` that cuts the run later, while it profiles or saves.

@@ -30,6 +30,22 @@ def test_throughput_is_the_timed_steps_mean_and_the_median_and_max_expose_a_stal
     assert r["median_step_ms"] == 2000.0
     assert r["max_step_ms"] == 27000.0
     assert r["first_step_s"] == 30.0
+    assert r["short_steps"] == 0
+
+
+def test_with_the_wall_window_short_intervals_cannot_overstate_the_speed():
+    # Run 21: two of ten timed intervals implausibly short while the run paced ~1.1 s per step.
+    times = [25.0] + [1.065] * 8 + [0.1, 0.1]
+    window = 10 * 1.1  # the wall time from the first timed step's begin to the last one's end
+
+    r = steady(times, warmup=1, batch=32, window_s=window)
+
+    assert r["step_ms"] == 1100.0
+    assert r["samples_per_s"] == round(32 / 1.1, 3)
+    assert r["short_steps"] == 2
+    assert r["median_step_ms"] == 1065.0
+    # the intervals' mean alone would have said 26% faster
+    assert steady(times, warmup=1, batch=32)["samples_per_s"] > 1.25 * r["samples_per_s"]
 
 
 def test_an_even_number_of_timed_steps_takes_the_middle_pair_for_the_median():
