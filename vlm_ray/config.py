@@ -375,8 +375,8 @@ class TrainSpec(_Section):
             "On the Unsloth engine the language MLPs then run through PEFT's layers "
             "(train.fused_lora_mlp's kernel reads bf16 weights). Numbers change slightly. "
             "With save.merged_16bit a bf16 copy of the base weights is kept in host memory for "
-            "the merge. At 7B, batch 32, on an H200 its median step was 1.11x faster than with "
-            "bf16 base layers (one pair, docs/benchmarks.md runs 21-22); measure your shapes."
+            "the merge. Its speed at 7B, batch 32, is not yet reliably measured "
+            "(docs/benchmarks.md runs 21-22); measure it on your shapes."
         ),
     )
     fp8_scaling: Literal["row", "tensor"] = Field(
