@@ -16,6 +16,7 @@ from vlm_ray.infer.generation import (
     prepare_inputs,
     prompt_messages,
     size_batches,
+    upload_images,
 )
 
 PROMPT = "Read the number in this image."
@@ -172,3 +173,22 @@ def test_a_static_kv_cache_predicts_what_the_dynamic_cache_predicts(tiny, max_ca
     assert kwargs.get("max_cache_len") == max_cache_len
     assert [r["prediction"] for r in static] == [r["prediction"] for r in dynamic]
     assert all(r["error"] is None for r in static)
+
+
+def test_images_uploaded_as_one_tensor_per_size_give_the_processor_output_of_the_pil_images(tiny):
+    import torch
+
+    _, processor = tiny
+    rows = _rows([(84, 56), (56, 56), (84, 56), (56, 84)])  # three sizes, one of them twice
+    images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows]
+    images[1] = images[1].convert("L")  # a grey image is uploaded as RGB, as the processor does
+    messages = [prompt_messages(r) for r in rows]
+
+    tensors = upload_images(images, "cpu")
+    assert [tuple(t.shape) for t in tensors] == [(3, 56, 84), (3, 56, 56), (3, 56, 84), (3, 84, 56)]
+    assert all(t.dtype == torch.uint8 and t.is_contiguous() for t in tensors)
+    from_pil = prepare_inputs(processor, images, messages)
+    from_tensors = prepare_inputs(processor, images, messages, device=torch.device("cpu"))
+    assert torch.equal(from_tensors["pixel_values"], from_pil["pixel_values"])
+    assert torch.equal(from_tensors["image_grid_thw"], from_pil["image_grid_thw"])
+    assert torch.equal(from_tensors["input_ids"], from_pil["input_ids"])

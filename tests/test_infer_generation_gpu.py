@@ -1,4 +1,5 @@
-"""On the GPU machine: the image processor's work on a CUDA stream of its own (skipped without CUDA).
+"""On the GPU machine: the image processor's work on a CUDA stream of its own, its images uploaded
+in one copy per size (skipped without CUDA).
 
 On generation's stream, each of the processor's per-image copies waited for the generation
 kernels queued ahead of it (inference run 13's profile); on its own stream it must not change a
@@ -32,6 +33,21 @@ def test_the_processor_runs_on_a_stream_of_its_own_next_to_generation(on_cuda):
     assert device is not None and device.type == "cuda", "the tiny processor runs on the GPU"
     stream = generation.preprocess_stream(device)
     assert stream is not None and stream != torch.cuda.current_stream(device)
+
+
+@pytest.mark.gpu
+def test_images_reach_the_gpu_as_one_asynchronous_copy_per_size_with_the_same_pixels():
+    import io
+
+    import torch
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(r["image"])) for r in _rows([(84, 56), (56, 56), (84, 56)])]
+    on_gpu = generation.upload_images(images, torch.device("cuda"))
+    on_cpu = generation.upload_images(images, torch.device("cpu"))
+    torch.cuda.synchronize()
+    assert all(t.is_cuda for t in on_gpu)
+    assert all(torch.equal(g.cpu(), c) for g, c in zip(on_gpu, on_cpu, strict=True))
 
 
 @pytest.mark.gpu
