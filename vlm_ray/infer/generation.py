@@ -172,7 +172,7 @@ def upload_images(images: list[Any], device: Any) -> list[Any]:
     for shape, members in groups.items():
         host = torch.empty((len(members), *shape), dtype=torch.uint8, pin_memory=pin)
         for row, k in enumerate(members):
-            host[row].copy_(torch.from_numpy(arrays[k]))
+            host[row].numpy()[...] = arrays[k]  # PIL's arrays are read-only: no from_numpy
         on_device = host.to(device, non_blocking=pin).permute(0, 3, 1, 2).contiguous()
         for row, k in enumerate(members):
             out[k] = on_device[row]
