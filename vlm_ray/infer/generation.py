@@ -228,9 +228,8 @@ class _Prepared:
     errors: dict[int, str]
     inputs: Any = None
     failure: Exception | None = None  # the processor failed on the whole batch
-    ready: Any = (
-        None  # CUDA event after the processor's work on its stream; None: nothing to wait for
-    )
+    # The CUDA event after the processor's work on its own stream; None: nothing to wait for.
+    ready: Any = None
 
     @property
     def ok(self) -> list[int]:
@@ -247,7 +246,7 @@ SIDE_STREAM = True
 
 def preprocess_stream(device: Any) -> Any:
     """A CUDA stream for the processor's work when it runs on a GPU (and SIDE_STREAM), else None."""
-    if device is None or getattr(device, "type", None) != "cuda" or not SIDE_STREAM:
+    if not SIDE_STREAM or getattr(device, "type", None) != "cuda":
         return None
     import torch
 
