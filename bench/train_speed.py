@@ -147,19 +147,21 @@ def make_clock():
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
-            self.times: list[float] = []
             self.begins: list[float] = []
             self.ends: list[float] = []
 
         def on_step_begin(self, *a, **k):
             torch.cuda.synchronize()
-            self.t = time.perf_counter()
-            self.begins.append(self.t)
+            self.begins.append(time.perf_counter())
 
         def on_step_end(self, *a, **k):
             torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
-            self.times.append(self.ends[-1] - self.t)
+
+        @property
+        def times(self) -> list[float]:
+            """Each finished step's time from its begin callback to its end callback."""
+            return [end - begin for begin, end in zip(self.begins, self.ends, strict=False)]
 
         def window_s(self, warmup: int, upto: int | None = None) -> float | None:
             """Wall time from the first timed step's begin to the last timed step's end."""
