@@ -320,6 +320,7 @@ def mode_s(
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from bench.device_timeline import all_threads_config, device_timeline
     from vlm_ray.config import parse_spec
     from vlm_ray.infer import generation
     from vlm_ray.infer.generation import (
@@ -391,7 +392,7 @@ def mode_s(
         ),
     ]
     for what, call in profiled[: {"none": 0, "prefill": 1, "all": 3}[profile_what]]:
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, experimental_config=all_threads_config()) as prof:
             call()
             if cuda:
                 torch.cuda.synchronize()
@@ -425,52 +426,6 @@ def mode_s(
         "profiled_timelines": timelines,
         "peak_gib": round(torch_peak_gib(), 1) if cuda else None,
         **fidelity,
-    }
-
-
-def device_timeline(events, device: str, gaps: int = 12) -> dict:
-    """How busy the device was during one profiled call, and where it sat idle.
-
-    The kernel table says what the GPU ran, not whether it waited: the union of the device's
-    kernel intervals over the profile's wall span gives the busy fraction, and the largest idle
-    gaps (with the kernels either side) say which host work the GPU waited for.
-    """
-    spans = sorted(
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in events
-        if e.device_type.name == device and e.time_range.end > e.time_range.start
-    )
-    if not spans:
-        return {"device": device, "kernels": 0}
-    wall = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
-    busy, idle = 0.0, []
-    cur_start, cur_end, cur_name = spans[0]
-    for start, end, name in spans[1:]:
-        if start > cur_end:
-            busy += cur_end - cur_start
-            idle.append((start - cur_end, cur_end - spans[0][0], cur_name, name))
-            cur_start = start
-        if end >= cur_end:
-            cur_end, cur_name = end, name
-    busy += cur_end - cur_start
-    idle.sort(reverse=True)
-    return {
-        "device": device,
-        "kernels": len(spans),
-        "wall_ms": round(wall / 1e3, 1),
-        "busy_ms": round(busy / 1e3, 1),
-        "busy_fraction": round(busy / wall, 3),
-        "idle_gaps_over_1ms": sum(1 for g in idle if g[0] > 1e3),
-        "idle_ms_in_gaps_over_1ms": round(sum(g[0] for g in idle if g[0] > 1e3) / 1e3, 1),
-        "largest_gaps": [
-            {
-                "ms": round(g / 1e3, 2),
-                "at_ms": round(at / 1e3, 1),
-                "after": a[:60],
-                "before": b[:60],
-            }
-            for g, at, a, b in idle[:gaps]
-        ],
     }
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,16 +205,28 @@ def generate_batch(model: Any, processor: Any, inputs: Any, gen_kwargs: dict) ->
 
     inputs = inputs.to(model.device)
     stop = stop_token_ids(model, processor)
-    with torch.inference_mode():
+    with torch.inference_mode(), phase("generate"):
         out = model.generate(**inputs, **{"eos_token_id": stop, **gen_kwargs})
-    new = out[:, inputs["input_ids"].shape[1] :].tolist()
-    results = []
-    for ids in new:
-        # tokens: up to and including the first stop token (what follows it is padding)
-        n = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))
-        text = processor.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
-        results.append(Generated(text, n, ids[:n]))
+    with phase("decode_text"):
+        new = out[:, inputs["input_ids"].shape[1] :].tolist()
+        results = []
+        for ids in new:
+            # tokens: up to and including the first stop token (what follows it is padding)
+            n = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))
+            text = processor.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+            results.append(Generated(text, n, ids[:n]))
     return results
+
+
+def phase(name: str) -> AbstractContextManager:
+    """A `vlm_ray.<name>` range for torch.profiler (a few microseconds when none runs).
+
+    bench/device_timeline.py sums the GPU's idle time by these ranges: which step of ours the
+    GPU waited on.
+    """
+    from torch.profiler import record_function
+
+    return record_function(f"vlm_ray.{name}")
 
 
 DECODE_THREADS = 4  # PIL releases the GIL while decoding: a few threads decode a batch in parallel
@@ -261,16 +273,21 @@ def _prepare_batch(
     decoders: ThreadPoolExecutor,
     stream: Any = None,
 ) -> _Prepared:
-    decoded = dict(
-        zip(batch, decoders.map(try_decode_image, [rows[i]["image"] for i in batch]), strict=True)
-    )
+    with phase("decode_images"):
+        decoded = dict(
+            zip(
+                batch,
+                decoders.map(try_decode_image, [rows[i]["image"] for i in batch]),
+                strict=True,
+            )
+        )
     prepared = _Prepared(
         images={i: d for i, d in decoded.items() if not isinstance(d, DecodeError)},
         errors={i: d.message for i, d in decoded.items() if isinstance(d, DecodeError)},
     )
     if prepared.images:
         try:
-            with _on_stream(stream):
+            with _on_stream(stream), phase("processor"):
                 prepared.inputs = prepare_inputs(
                     processor,
                     list(prepared.images.values()),
@@ -348,13 +365,16 @@ def predict_table(
         pending = submit(0)
         for b in range(len(batches)):
             assert pending is not None
-            prepared = pending.result()
+            with phase("wait_for_prepared"):
+                prepared = pending.result()
             pending = submit(b + 1)
             for i, message in prepared.errors.items():
                 records[i] = _record(rows[i], None, 0.0, message)
             if not prepared.ok:
                 continue
-            with lock:
+            with ExitStack() as holding:
+                with phase("wait_for_gpu"):
+                    holding.enter_context(lock)
                 # Seeded per batch from its rows: the same rows sample the same way on a re-run,
                 # whatever else this process generated in between.
                 torch_seed(gen.seed, [rows[i]["id"] for i in prepared.ok])
