@@ -307,13 +307,19 @@ def compile_heartbeat(what: str, every_s: float = 60.0):
 
 
 def mode_s(
-    model_dir: Path, size: int, bs: int, engine: str, profile_dir: Path | None, profile_what: str
+    model_dir: Path,
+    size: int,
+    bs: int,
+    engine: str,
+    profile_dir: Path | None,
+    profile_what: str,
+    table_batches: int = 2,
 ) -> dict:
     """Where our stage's time goes: its own loading and generation code on one batch, phase by phase.
 
     Phases (device synchronised around each): the processor on the GPU, the vision tower alone,
-    prefill (generate with one new token), and the whole generate; then predict_table over two
-    batches (decoding and preprocessing overlapped), and torch.profiler tables of one prefill
+    prefill (generate with one new token), and the whole generate; then predict_table over
+    table_batches batches (decoding and preprocessing overlapped), and torch.profiler tables of one prefill
     and of one whole generate (printed, and written under profile_dir when given).
     """
     import pyarrow as pa
@@ -351,7 +357,7 @@ def mode_s(
             torch.cuda.synchronize()
         return out, time.perf_counter() - t
 
-    rows = prepared_rows(2 * bs, size)
+    rows = prepared_rows(table_batches * bs, size)
     imgs = [_decode_image(r["image"]) for r in rows[:bs]]
     msgs = [prompt_messages(r) for r in rows[:bs]]
     device = processor_device(model, processor)
@@ -404,7 +410,7 @@ def mode_s(
         print(f"mode s: {what}: {json.dumps(timeline)}", flush=True)
         tables.append(f"## {what}, batch {bs}, device timeline\n{json.dumps(timeline, indent=1)}")
         timelines[what] = {k: v for k, v in timeline.items() if k != "largest_gaps"}
-    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'' if FP8_SCALING == 'row' else '-' + FP8_SCALING}{'_cl' if COMPILE_LANGUAGE else ''}{'' if VISION_ATTENTION == 'auto' else '_' + VISION_ATTENTION}{'' if PREPROCESS_STREAM == 'side' else '_onestream'}_bs{bs}"
+    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'' if FP8_SCALING == 'row' else '-' + FP8_SCALING}{'_cl' if COMPILE_LANGUAGE else ''}{'' if VISION_ATTENTION == 'auto' else '_' + VISION_ATTENTION}{'' if PREPROCESS_STREAM == 'side' else '_onestream'}{'' if table_batches == 2 else f'_tb{table_batches}'}_bs{bs}"
     if tables and profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         (profile_dir / f"profile_s_{label}.txt").write_text("\n".join(tables))
@@ -423,6 +429,7 @@ def mode_s(
         "decode_s": round(generate_s - prefill_s, 3),
         "decode_ms_per_step": round(1e3 * (generate_s - prefill_s) / (NEW_TOKENS - 1), 2),
         "predict_table_images_per_s": round(len(rows) / table_s, 2),
+        "table_batches": table_batches,
         "profiled_timelines": timelines,
         "peak_gib": round(torch_peak_gib(), 1) if cuda else None,
         **fidelity,
@@ -557,6 +564,12 @@ def main() -> None:
         choices=["all", "prefill", "none"],
         help="mode s: profile one prefill and one whole generate (all), the prefill only, or none",
     )
+    p.add_argument(
+        "--table-batches",
+        type=int,
+        default=2,
+        help="mode s: batches in its predict_table run (more: closer to the pool's steady state)",
+    )
     p.add_argument("--run-mode", help=argparse.SUPPRESS)  # internal: one mode in this process
     a = p.parse_args()
     model_dir = Path(f"/tmp/infer_bench_{a.shape}")
@@ -581,7 +594,9 @@ def main() -> None:
     elif a.run_mode == "p":
         res = mode_p(model_dir, a.size, a.batch)
     elif a.run_mode == "s":
-        res = mode_s(model_dir, a.size, a.batch, a.engine, a.profile_dir, a.profile)
+        res = mode_s(
+            model_dir, a.size, a.batch, a.engine, a.profile_dir, a.profile, a.table_batches
+        )
     elif a.run_mode == "c":
         res = mode_c(
             model_dir,
