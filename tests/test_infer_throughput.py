@@ -3,7 +3,7 @@ compilation) is left out of its steady rate, and the pool's steady rate sums its
 
 from __future__ import annotations
 
-from vlm_ray.infer.throughput import actor_summary, pool_steady_rate
+from vlm_ray.infer.throughput import actor_summary, pool_steady_rate, shared_window_rate
 
 
 def _commit(node: str, pid: int, rows: int, at: float) -> dict:
@@ -34,3 +34,18 @@ def test_an_actor_with_one_shard_has_no_steady_rate_and_records_without_a_node_u
         "42": {"shards": 1, "rows": 8, "steady_images_per_s": None},
     }
     assert pool_steady_rate(summary) is None
+
+
+def test_actors_sharing_a_gpu_are_timed_together_once_the_last_one_is_warm():
+    records = [
+        _commit("gpu", 1, 256, 10.0),  # actor 1 warm first, then alone on the GPU for a while
+        _commit("gpu", 1, 256, 11.0),
+        _commit("gpu", 1, 256, 12.0),
+        _commit("gpu", 2, 256, 12.5),  # actor 2's first shard: from here both share the GPU
+        _commit("gpu", 1, 256, 14.5),
+        _commit("gpu", 2, 256, 16.5),
+    ]
+    # 512 rows after t=12.5, over 4 s; the per-actor sum would say 768 / 4.5 + 256 / 4 = 234.7
+    assert shared_window_rate(records) == 128.0
+    assert shared_window_rate(records[:4]) is None  # nothing committed after the last first shard
+    assert shared_window_rate([]) is None

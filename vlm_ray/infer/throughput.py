@@ -38,3 +38,25 @@ def pool_steady_rate(summary: dict[str, dict[str, Any]]) -> float | None:
     """The pool's steady images/s: its actors' steady rates summed (None if no actor has one)."""
     rates = [a["steady_images_per_s"] for a in summary.values() if a["steady_images_per_s"]]
     return round(sum(rates), 2) if rates else None
+
+
+def shared_window_rate(records: list[dict[str, Any]]) -> float | None:
+    """Images/s once every actor is warm: rows committed after the last actor's first shard,
+    over the time from then to the last commit (None if no commit follows it).
+
+    For actors that share one GPU (ray.num_gpus_per_worker below 1), summing their own rates
+    would count the time one ran alone, while another was still loading or compiling, at the
+    speed of the whole GPU.
+    """
+    firsts: dict[str, float] = {}
+    for r in records:
+        a = actor_of(r)
+        firsts[a] = min(firsts.get(a, r["committed_at"]), r["committed_at"])
+    if not firsts:
+        return None
+    start = max(firsts.values())
+    later = [r for r in records if r["committed_at"] > start]
+    if not later:
+        return None
+    span = max(r["committed_at"] for r in later) - start
+    return round(sum(r["rows"] for r in later) / span, 2)
