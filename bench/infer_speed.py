@@ -25,7 +25,7 @@ BENCH_CACHE=static sets generation.cache_implementation for modes c and s,
 BENCH_COMPILE_VISION=1 sets infer.compile_vision, BENCH_COMPILE_LANGUAGE=1 infer.compile_language,
 BENCH_FP8=vision|all sets infer.fp8 (mode s then also measures how close the float8 model's
 first-token logits stay to bf16's), BENCH_FP8_SCALING=row|tensor|static infer.fp8_scaling, and
-BENCH_VISION_ATTENTION=cudnn infer.vision_attention.
+BENCH_VISION_ATTENTION=cudnn infer.vision_attention, BENCH_DEFER_STOP=1 infer.defer_stop_check.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ VISION_ATTENTION = os.environ.get("BENCH_VISION_ATTENTION") or "auto"  # infer.v
 # mode s only: "default" runs the processor on generation's stream (generation.SIDE_STREAM off),
 # the A/B of the processor's own stream; the pool (mode c) always uses its own stream.
 PREPROCESS_STREAM = os.environ.get("BENCH_PREPROCESS_STREAM") or "side"
+DEFER_STOP = os.environ.get("BENCH_DEFER_STOP") == "1"  # infer.defer_stop_check in c and s
 
 
 def build_model(shape: str, out: Path) -> Path:
@@ -218,6 +219,7 @@ def bench_spec(run_uri: str, model_dir: Path, engine: str, batch: int) -> dict:
             "fp8": FP8,
             "fp8_scaling": FP8_SCALING,
             "vision_attention": VISION_ATTENTION,
+            "defer_stop_check": DEFER_STOP,
         },
         "generation": {
             "max_new_tokens": NEW_TOKENS,
@@ -410,7 +412,7 @@ def mode_s(
         print(f"mode s: {what}: {json.dumps(timeline)}", flush=True)
         tables.append(f"## {what}, batch {bs}, device timeline\n{json.dumps(timeline, indent=1)}")
         timelines[what] = {k: v for k, v in timeline.items() if k != "largest_gaps"}
-    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'' if FP8_SCALING == 'row' else '-' + FP8_SCALING}{'_cl' if COMPILE_LANGUAGE else ''}{'' if VISION_ATTENTION == 'auto' else '_' + VISION_ATTENTION}{'' if PREPROCESS_STREAM == 'side' else '_onestream'}{'' if table_batches == 2 else f'_tb{table_batches}'}_bs{bs}"
+    label = f"{engine}_{CACHE or 'dynamic'}_{'cv' if COMPILE_VISION else 'eager'}_fp8{FP8}{'' if FP8_SCALING == 'row' else '-' + FP8_SCALING}{'_cl' if COMPILE_LANGUAGE else ''}{'' if VISION_ATTENTION == 'auto' else '_' + VISION_ATTENTION}{'' if PREPROCESS_STREAM == 'side' else '_onestream'}{'' if table_batches == 2 else f'_tb{table_batches}'}{'_ds' if DEFER_STOP else ''}_bs{bs}"
     if tables and profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         (profile_dir / f"profile_s_{label}.txt").write_text("\n".join(tables))
@@ -643,6 +645,7 @@ def main() -> None:
         fp8_scaling=FP8_SCALING,
         vision_attention=VISION_ATTENTION,
         compile_language=COMPILE_LANGUAGE,
+        defer_stop_check=DEFER_STOP,
         preprocess_stream=PREPROCESS_STREAM if a.run_mode == "s" else "side",
         shape=a.shape,
         size=a.size,

@@ -17,6 +17,7 @@ from typing import Any
 
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
+from vlm_ray.infer.deferred_stop import enable_deferred_stop_check
 from vlm_ray.infer.fp8_calibration import Fp8Calibration, quantize_linears_static
 from vlm_ray.models.batched_rope_index import enable_batched_rope_index
 from vlm_ray.models.compiled_language import compile_language_modules
@@ -164,6 +165,11 @@ def load_for_inference(
         why += "; vision blocks compiled"
     if spec.infer.compile_language and compile_language_modules(model):
         why += "; language MLPs and norms compiled"
+    if spec.infer.defer_stop_check:
+        if model.device.type != "cuda":
+            log.info("infer.defer_stop_check: not on CUDA, so nothing to defer; left off")
+        elif enable_deferred_stop_check():
+            why += "; stop check deferred a step"
     note = f"{engine} ({why}); model {ref.model_uri}" + (
         f" + adapter {ref.adapter_uri}" if ref.adapter_uri else ""
     )
