@@ -154,6 +154,17 @@ def tiny_generator(tiny_qwen2_vl: Path):
 
 
 @pytest.fixture
+def tiny_generator_on_cuda(tiny_generator, new_tiny_generator_model):
+    """(a fresh copy of tiny_generator's model on the GPU, its processor); skipped without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _, processor = tiny_generator
+    return new_tiny_generator_model().to("cuda").eval(), processor
+
+
+@pytest.fixture
 def new_tiny_generator_model(tiny_qwen2_vl: Path):
     """A factory of fresh copies of tiny_generator's model, for tests that change a model in place."""
     return lambda: _with_large_random_weights(tiny_qwen2_vl)

@@ -14,15 +14,6 @@ from vlm_ray.infer.deferred_stop import disable_deferred_stop_check, enable_defe
 from vlm_ray.infer.generation import generate_batch, prepare_inputs, prompt_messages
 
 
-@pytest.fixture
-def on_cuda(tiny_generator, new_tiny_generator_model):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    _, processor = tiny_generator
-    return new_tiny_generator_model().to("cuda").eval(), processor
-
-
 def _inputs(processor, n: int):
     rows = _rows([(56, 56)] * n)
     images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows]
@@ -31,8 +22,8 @@ def _inputs(processor, n: int):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache", [None, "static"])
-def test_deferring_the_stop_check_generates_the_same_tokens(on_cuda, cache):
-    model, processor = on_cuda
+def test_deferring_the_stop_check_generates_the_same_tokens(tiny_generator_on_cuda, cache):
+    model, processor = tiny_generator_on_cuda
     batch, alone = _inputs(processor, 6), _inputs(processor, 1)
     kwargs = {"max_new_tokens": 12, "do_sample": False}
     if cache:

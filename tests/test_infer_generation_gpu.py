@@ -15,20 +15,11 @@ from test_infer_generation import GREEDY, _rows
 from vlm_ray.infer import generation
 
 
-@pytest.fixture
-def on_cuda(tiny_generator, new_tiny_generator_model):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    _, processor = tiny_generator
-    return new_tiny_generator_model().to("cuda").eval(), processor
-
-
 @pytest.mark.gpu
-def test_the_processor_runs_on_a_stream_of_its_own_next_to_generation(on_cuda):
+def test_the_processor_runs_on_a_stream_of_its_own_next_to_generation(tiny_generator_on_cuda):
     import torch
 
-    model, processor = on_cuda
+    model, processor = tiny_generator_on_cuda
     device = generation.processor_device(model, processor)
     assert device is not None and device.type == "cuda", "the tiny processor runs on the GPU"
     stream = generation.preprocess_stream(device)
@@ -52,9 +43,9 @@ def test_images_reach_the_gpu_as_one_asynchronous_copy_per_size_with_the_same_pi
 
 @pytest.mark.gpu
 def test_the_processors_own_stream_predicts_exactly_what_generations_stream_does(
-    on_cuda, monkeypatch
+    tiny_generator_on_cuda, monkeypatch
 ):
-    model, processor = on_cuda
+    model, processor = tiny_generator_on_cuda
     # 14 rows in batches of 4 of two sizes: the next batch is prepared while one generates
     sizes = [(84, 56), (56, 56)] * 7
     table = pa.Table.from_pylist(_rows(sizes))
