@@ -25,7 +25,7 @@ from vlm_ray.config import JobSpec
 from vlm_ray.data.shards import list_shards
 from vlm_ray.infer.loading import ModelRef, resolve_model_ref
 from vlm_ray.infer.pool import ShardTask, run_pool
-from vlm_ray.infer.throughput import actor_summary
+from vlm_ray.infer.throughput import actor_summary, shared_window_rate
 from vlm_ray.ledger import ShardLedger
 from vlm_ray.ray_cluster import cluster_gpus, init_ray
 from vlm_ray.storage import Store, open_store
@@ -218,6 +218,8 @@ def predict_with(
         "images_per_s": round(rows_ran / wall, 3) if ran else None,
         # the shards run now, per actor: a slow GPU or a late-starting actor shows here
         "actors": actor_summary(ran),
+        # once every actor had finished its first shard: the pool's rate when actors share GPUs
+        "images_per_s_all_warm": shared_window_rate(ran),
     }
     store.write_json(f"{out_prefix}/manifest.json", manifest)
     if manifest.get("input_rows") not in (None, manifest["rows"]):
@@ -235,6 +237,13 @@ def predict_with(
             a["shards"],
             a["rows"],
             a["steady_images_per_s"],
+        )
+    if len(manifest["actors"]) > 1 and manifest["images_per_s_all_warm"] is not None:
+        log.info(
+            "infer[%s]: %s images/s once all %d actors were warm",
+            ref.tag,
+            manifest["images_per_s_all_warm"],
+            len(manifest["actors"]),
         )
     log.info(
         "infer[%s]: done in %.1f s: %d rows (%d errors), %d shards run, %d skipped, %s images/s -> %s",
