@@ -52,6 +52,7 @@ def test_an_even_number_of_timed_steps_takes_the_middle_pair_for_the_median():
     r = steady([9.0, 1.0, 3.0, 2.0, 4.0], warmup=1, batch=4)
     assert r["median_step_ms"] == 2500.0
     assert r["max_step_ms"] == 4000.0
+    assert r["timed_step_ms"] == [1000.0, 3000.0, 2000.0, 4000.0]  # in step order
 
 
 def test_a_run_cut_inside_its_warm_up_reports_why_it_has_no_figure():
