@@ -365,7 +365,7 @@ def steady(times: list[float], warmup: int, batch: int, window_s: float | None =
         "timed_steps": len(timed),
         "short_steps": sum(1 for t in timed if t < median / 2),
         "first_step_s": round(times[0], 1),
-        # each timed step, so an outlier (run 23's HF: one 3.08 s step among ~0.8 s) is visible
+        # each timed step, so an outlier (run 23's HF: one 3.08 s step, median 0.81 s) is visible
         "timed_step_ms": [round(t * 1e3, 1) for t in timed],
     }
 
