@@ -1,0 +1,58 @@
+"""bench/plot_results.py: every bar comes from the result files, median markers included."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from bench.plot_results import infer_bars, main, train_bars
+
+
+def _train_json(tmp_path):
+    path = tmp_path / "train_7b.json"
+    results = {
+        "hf[bs4]": {"samples_per_s": 3.5, "median_step_ms": 800.0, "peak_gib": 17.18},
+        "stage[bs4,graphs]": {"samples_per_s": 8.0, "peak_gib": 10.1},  # no median: no marker
+    }
+    path.write_text(json.dumps({"invocations": [{"gpu": "H100", "batch": 4, "results": results}]}))
+    return path
+
+
+def test_training_bars_carry_the_rate_the_memory_and_the_rate_by_the_median_step(tmp_path):
+    labels, speed, memory, gpu, by_median = train_bars(_train_json(tmp_path))
+    assert speed == [3.5, 8.0] and memory == [17.18, 10.1] and gpu == "H100"
+    assert by_median == [5.0, None]  # 4 samples / 0.8 s
+    assert labels[0].startswith("(a) HF") and "[bs4,graphs]" in labels[1]
+
+
+def test_inference_bars_read_each_modes_own_rate(tmp_path):
+    path = tmp_path / "infer_2b.jsonl"
+    records = [
+        {"mode": "b", "best_batch": 512, "images_per_s": 70.0},
+        {"mode": "s", "batch": 512, "predict_table_images_per_s": 140.0, "fp8": "vision"},
+        {"mode": "c", "gpus": 1, "batch": 512, "images_per_s": 160.0},
+        # two actors on one GPU: the rate once both were warm, not the sum of their own
+        {
+            "mode": "c",
+            "gpus": 1,
+            "gpus_per_actor": 0.5,
+            "actors": 2,
+            "batch": 512,
+            "images_per_s": 250.0,
+            "images_per_s_all_warm": 180.0,
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    labels, speed, _ = infer_bars([path])
+    assert speed == [70.0, 140.0, 160.0, 180.0]
+    assert "one process" in labels[1] and "fp8" in labels[1]
+    assert "2 actors" in labels[3]
+
+
+def test_the_chart_is_written(tmp_path, monkeypatch):
+    out = tmp_path / "chart.png"
+    monkeypatch.setattr(
+        sys, "argv", ["plot_results", "train", str(_train_json(tmp_path)), str(out)]
+    )
+    main()
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
