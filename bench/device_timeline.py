@@ -70,6 +70,11 @@ def idle_gaps(kernels: list[Span]) -> tuple[float, list[tuple[float, float, str,
     return busy, gaps
 
 
+def _overlap(start: float, end: float, span: Span) -> float:
+    """How long `span` overlaps [start, end] (negative or zero: not at all)."""
+    return min(end, span.end) - max(start, span.start)
+
+
 def host_during(start: float, end: float, host: list[Span], threads: int = 3) -> list[dict]:
     """Per host thread, the most specific range that covers most of [start, end].
 
@@ -78,7 +83,7 @@ def host_during(start: float, end: float, host: list[Span], threads: int = 3) ->
     """
     best: dict[int, tuple[float, float, str]] = {}
     for s in host:
-        overlap = min(end, s.end) - max(start, s.start)
+        overlap = _overlap(start, end, s)
         if overlap <= 0:
             continue
         key = (overlap, -(s.end - s.start), s.name)
@@ -97,7 +102,7 @@ def idle_by_phase(gaps: list[tuple[float, float, str, str]], host: list[Span]) -
     out: dict[str, float] = defaultdict(float)
     for g_start, g_end, _, _ in gaps:
         for p in phases:
-            overlap = min(g_end, p.end) - max(g_start, p.start)
+            overlap = _overlap(g_start, g_end, p)
             if overlap > 0:
                 out[p.name] += overlap
     return {name: round(us / 1e3, 1) for name, us in sorted(out.items(), key=lambda kv: -kv[1])}

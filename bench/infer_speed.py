@@ -321,8 +321,9 @@ def mode_s(
 
     Phases (device synchronised around each): the processor on the GPU, the vision tower alone,
     prefill (generate with one new token), and the whole generate; then predict_table over
-    table_batches batches (decoding and preprocessing overlapped), and torch.profiler tables of one prefill
-    and of one whole generate (printed, and written under profile_dir when given).
+    table_batches batches (decoding and preprocessing overlapped). profile_what picks which of
+    prefill, generate and predict_table are profiled: each gets torch.profiler tables and a
+    device timeline (bench/device_timeline.py), printed and written under profile_dir if given.
     """
     import pyarrow as pa
     import torch

@@ -17,13 +17,18 @@ def actor_of(record: dict[str, Any]) -> str:
     return f"{node}:{record['pid']}" if node else str(record["pid"])
 
 
-def actor_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Shards, rows and steady images/s (None with a single shard) of each actor in `records`."""
+def _by_actor(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each actor's commit records, in commit order."""
     by_actor: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(records, key=lambda r: r["committed_at"]):
         by_actor.setdefault(actor_of(r), []).append(r)
+    return by_actor
+
+
+def actor_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Shards, rows and steady images/s (None with a single shard) of each actor in `records`."""
     summary = {}
-    for actor, done in by_actor.items():
+    for actor, done in _by_actor(records).items():
         span = done[-1]["committed_at"] - done[0]["committed_at"]
         steady = sum(r["rows"] for r in done[1:]) / span if len(done) > 1 and span > 0 else None
         summary[actor] = {
@@ -48,13 +53,10 @@ def shared_window_rate(records: list[dict[str, Any]]) -> float | None:
     would count the time one ran alone, while another was still loading or compiling, at the
     speed of the whole GPU.
     """
-    firsts: dict[str, float] = {}
-    for r in records:
-        a = actor_of(r)
-        firsts[a] = min(firsts.get(a, r["committed_at"]), r["committed_at"])
-    if not firsts:
+    by_actor = _by_actor(records)
+    if not by_actor:
         return None
-    start = max(firsts.values())
+    start = max(done[0]["committed_at"] for done in by_actor.values())
     later = [r for r in records if r["committed_at"] > start]
     if not later:
         return None
