@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import ray
 
@@ -37,3 +38,14 @@ def cluster_gpus() -> int:
 def cluster_cpus() -> int:
     """CPUs in the cluster."""
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def actor_was_restarted() -> bool:
+    """Inside an actor: whether Ray restarted it after a failure (max_restarts)."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    # Ray's own property reads its deprecated RuntimeContext.actor_id and warns on every actor
+    # start; the warning is about Ray's code, not ours.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)

@@ -27,6 +27,7 @@ import ray
 from vlm_ray.config import JobSpec, parse_spec, spec_to_dict
 from vlm_ray.durations import rough_duration
 from vlm_ray.ledger import ShardLedger
+from vlm_ray.ray_cluster import actor_was_restarted
 from vlm_ray.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class InferActor:
         self.model, self.processor, self.note = load_for_inference(
             self.spec, ModelRef(**ref), calibration
         )
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.restarted = actor_was_restarted()
         log.info(
             "infer actor pid %d: loaded %s in %.1f s%s",
             os.getpid(),

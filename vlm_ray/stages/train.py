@@ -27,7 +27,7 @@ from vlm_ray import layout
 from vlm_ray.config import JobSpec, spec_to_dict
 from vlm_ray.models.families import family_of
 from vlm_ray.models.resolve import resolve_model_path
-from vlm_ray.ray_cluster import cluster_gpus, init_ray
+from vlm_ray.ray_cluster import actor_was_restarted, cluster_gpus, init_ray
 from vlm_ray.storage import Store, open_store
 from vlm_ray.train.engine import EngineUnavailableError
 from vlm_ray.train.settings_guard import record_training_settings, refuse_changed_settings
@@ -122,7 +122,7 @@ class TrainActor:
 
         # Use the CPUs Ray reserved for this actor, no more (Ray's default here is 1 thread).
         torch.set_num_threads(max(1, int(self.spec.ray.num_cpus_per_worker)))
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.restarted = actor_was_restarted()
 
     def pid(self) -> int:
         """This actor's process id (for operators and the fault-injection test)."""
