@@ -16,6 +16,10 @@
 #
 # CHAIN_DEADLINE (seconds, default 560) stops every chain still running at that time, so the
 # archive is packed before the device call itself is cut at 600 s.
+#
+# SKIP (an extended regular expression) leaves out the commands it matches, logged as skipped.
+# Ratios are taken within one hold, so a hold's later inference chains can skip the baseline
+# they all begin with: SKIP='--modes b ' bash bench/device_chains.sh CHAIN_FILE.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bash bench/device_chains.sh CHAIN_FILE [CHAIN_FILE ...]" >&2; exit 2; }
 OUT=${OUT:-$PWD/device_results}
@@ -32,6 +36,10 @@ run_chain() {  # index, file
   while IFS= read -r line || [ -n "$line" ]; do
     [[ -z "${line// }" || "$line" =~ ^[[:space:]]*# ]] && continue
     k=$((k + 1))
+    if [ -n "${SKIP:-}" ] && printf '%s\n' "$line" | grep -qE -- "$SKIP"; then
+      echo "$(date -u +%T) [$k] skipped (SKIP): $line"
+      continue
+    fi
     echo "$(date -u +%T) [$k] $line"
     bash -c "$line" > "$R/chain${n}_$k.log" 2>&1
     local rc=$?

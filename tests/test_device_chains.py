@@ -60,3 +60,27 @@ def test_chains_still_running_at_the_deadline_are_stopped_and_the_results_still_
     assert not (out / "r" / "late.txt").exists()
     with tarfile.open(out / "results.tgz") as archive:
         assert "r/early.txt" in archive.getnames()
+
+
+def test_skip_leaves_out_the_commands_it_matches_and_says_so(tmp_path):
+    chain = tmp_path / "gpu0.txt"
+    chain.write_text(
+        "python3 bench/infer_speed.py --shape 2b --modes b --batch-sizes 512 > $R/baseline.txt\n"
+        "echo ours > $R/ours.txt\n"
+    )
+    out = tmp_path / "out"
+
+    subprocess.run(
+        ["bash", str(SCRIPT), str(chain)],
+        env={"OUT": str(out), "PATH": "/usr/bin:/bin", "SKIP": "--modes b "},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+
+    log = (out / "r" / "chain0.log").read_text()
+    assert "[1] skipped (SKIP): python3 bench/infer_speed.py --shape 2b --modes b" in log
+    assert "[2] exit 0" in log
+    assert not (out / "r" / "baseline.txt").exists()
+    assert (out / "r" / "ours.txt").read_text() == "ours\n"
