@@ -4,6 +4,7 @@ and the merged model on its own; full fine-tuning saves a whole model and no ada
 from __future__ import annotations
 
 import io
+import json
 
 import torch
 from PIL import Image
@@ -50,6 +51,9 @@ def test_adapter_and_merged_model_load_with_plain_transformers_and_peft(
     assert (adapter_dir / "adapter_model.safetensors").exists()
 
     processor = AutoProcessor.from_pretrained(adapter_dir)  # the processor travels with the adapter
+    for saved in (adapter_dir, merged_dir):
+        # training tokenized with truncation; the saved tokenizer does not keep it as a default
+        assert json.loads((saved / "tokenizer.json").read_text())["truncation"] is None
     batch = _inputs(processor, recs)
     base = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.float32)
     with torch.no_grad():

@@ -18,6 +18,20 @@ from vlm_ray.storage import Store
 SaveMerged = Callable[[Any, Any, Path], None]
 
 
+def forget_truncation(processor: Any) -> None:
+    """Clear the truncation the training collator left on the fast tokenizer's backend.
+
+    The collator tokenizes with truncation at model.max_seq_length, and the Rust tokenizer keeps
+    that setting: saved as it is, tokenizer.json would carry it, and transformers would read it
+    back as the loaded tokenizer's default max_length (a warning on every inference batch, and a
+    truncation default nobody asked for in the saved model).
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is not None:
+        backend.no_truncation()
+
+
 def save_pretrained_and_upload(
     model: Any, processor: Any, local_dir: Path, store: Store, key: str
 ) -> str:
@@ -37,6 +51,7 @@ def save_trained_model(
     save_merged: SaveMerged,
 ) -> dict[str, str]:
     """Adapter (save_pretrained + processor) and/or merged model (save_merged), uploaded under <run>/model/."""
+    forget_truncation(processor)
     if spec.model.full_finetuning:
         # Full fine-tuning has no adapter: the trained weights are the model.
         uri = save_pretrained_and_upload(model, processor, workdir / "merged", store, layout.MERGED)
