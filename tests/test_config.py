@@ -58,6 +58,8 @@ def test_defaults_follow_unsloth_notebook_values() -> None:
         ({"infer": {"fp8": "e5m2"}}, "infer.fp8", "'off', 'vision' or 'all'"),
         ({"infer": {"fp8_scaling": "block"}}, "infer.fp8_scaling", "'row', 'tensor' or 'static'"),
         ({"infer": {"vision_attention": "flash3"}}, "infer.vision_attention", "'auto' or 'cudnn'"),
+        ({"infer": {"job": "nov"}}, "infer.job", "set infer.source too"),
+        ({"infer": {"source": "s3://b/x/", "job": "../up"}}, "infer.job", "should match pattern"),
         (
             {"data": {"source": "x", "image_min_size": 900, "image_max_size": 400}},
             "data",

@@ -17,9 +17,9 @@ from vlm_ray.ledger import ShardLedger
 from vlm_ray.storage import LocalStore, S3Store, Store
 
 
-def _predictions(store: Store, tag: str) -> list[dict]:
+def _predictions(store: Store, tag: str, job: str | None = None) -> list[dict]:
     rows = []
-    for key in store.list(layout.predictions_dir(tag)):
+    for key in store.list(layout.predictions_dir(tag, job)):
         if key.endswith(".jsonl") and "/_done/" not in key:
             rows += [json.loads(line) for line in store.read_text(key).splitlines()]
     return rows
@@ -122,7 +122,7 @@ def test_any_image_folder_is_captioned_and_each_unreadable_file_is_an_error_reco
 ):
     from PIL import Image
 
-    from vlm_ray.stages.infer import run_infer
+    from vlm_ray.stages.infer import bulk_job, run_infer
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -140,8 +140,9 @@ def test_any_image_folder_is_captioned_and_each_unreadable_file_is_an_error_reco
         infer={"source": str(folder), "prompt": "Caption this image.", "rows_per_shard": 2},
         data={"image_min_size": 56, "image_max_size": 112},
     )
+    job = bulk_job(spec)
     result = run_infer(spec, models=["base"])
-    rows = _predictions(store, "base")
+    rows = _predictions(store, "base", job)
     by_name = {r["source_id"].rsplit("/", 1)[-1]: r for r in rows}
     assert sorted(by_name) == ["broken.png", "empty.png", "img0.png", "img1.png", "img2.png"]
     assert len(rows) == 5, "each input row exactly once"
@@ -150,7 +151,7 @@ def test_any_image_folder_is_captioned_and_each_unreadable_file_is_an_error_reco
 
     reasons = {
         q["source_id"].rsplit("/", 1)[-1]: q["reason"]
-        for key in store.list("infer_input/quarantine/")
+        for key in store.list(f"{layout.bulk_input(job)}/quarantine/")
         for q in map(json.loads, store.read_text(key).splitlines())
     }
     assert sorted(reasons) == ["broken.png", "empty.png"]
@@ -158,16 +159,76 @@ def test_any_image_folder_is_captioned_and_each_unreadable_file_is_an_error_reco
         bad = by_name[name]
         assert (bad["prediction"], bad["tokens"], bad["error"]) == (None, 0, reason)
         assert bad["id"] and bad["id"] not in {by_name[f"img{i}.png"]["id"] for i in range(3)}
-    shard0 = store.read_text(f"{layout.predictions_dir('base')}/shard-00000.jsonl").splitlines()
+    out = layout.predictions_dir("base", job)
+    shard0 = store.read_text(f"{out}/shard-00000.jsonl").splitlines()
     names = sorted(json.loads(line)["source_id"].rsplit("/", 1)[-1] for line in shard0)
     assert names == ["broken.png", "empty.png"], "an all-quarantined shard has its predictions file"
-    assert ShardLedger(store, layout.predictions_dir("base")).is_done("shard-00000")
+    assert ShardLedger(store, out).is_done("shard-00000")
 
     manifest = result["models"]["base"]
-    prepared = store.read_json("infer_input/manifest.json")
-    assert manifest["input"].endswith("infer_input/all")
+    prepared = store.read_json(f"{layout.bulk_input(job)}/manifest.json")
+    assert manifest["input"].endswith(f"bulk/{job}/input/all")
+    assert (manifest["job"], manifest["source"]) == (job, str(folder))
     assert manifest["rows"] == prepared["rows_in"] == 5 and manifest["errors"] == 2
     assert manifest["input_quarantined"] == 2
+
+
+def test_a_bulk_job_is_named_after_its_source_s_last_part_and_a_hash_of_the_whole():
+    from vlm_ray.stages.infer import job_name_for
+
+    name = job_name_for("s3://bucket/scans/2026-11/")
+    assert name.startswith("2026-11-") and len(name) == len("2026-11-") + 8
+    assert job_name_for("s3://bucket/scans/2026-11") == name, "a trailing slash changes nothing"
+    assert job_name_for("s3://other/scans/2026-11/") != name
+    assert job_name_for("/data/My Photos (2026)").startswith("My-Photos-2026-")
+    assert job_name_for("hf://").startswith("source-")
+
+
+def test_a_run_captions_each_source_in_a_bulk_job_of_its_own_beside_its_heldout_predictions(
+    ray_cluster, write_prepared, tiny_qwen2_vl, tmp_path
+):
+    from PIL import Image
+
+    from vlm_ray.stages.infer import bulk_job, run_infer
+
+    store = LocalStore(tmp_path / "run")
+    recs = write_prepared(store, rows=2, heldout=2, rows_per_shard=2)
+    heldout_spec = _spec_for(store, tiny_qwen2_vl, tmp_path)
+    run_infer(heldout_spec, models=["base"])
+    sources = {}
+    for name in ("scans", "more-scans"):
+        sources[name] = tmp_path / name / "2026-11"
+        sources[name].mkdir(parents=True)
+        Image.new("RGB", (64, 64), "white").save(sources[name] / f"{name}.png")
+    specs = {
+        name: _spec_for(store, tiny_qwen2_vl, tmp_path, infer={"source": str(folder)})
+        for name, folder in sources.items()
+    }
+
+    jobs = {name: bulk_job(spec) for name, spec in specs.items()}
+    assert jobs["scans"] != jobs["more-scans"], "two sources ending alike: two jobs"
+    assert all(job.startswith("2026-11-") for job in jobs.values())
+    for name, spec in specs.items():
+        run_infer(spec, models=["base"])
+        (row,) = _predictions(store, "base", jobs[name])
+        assert row["source_id"] == f"{name}.png", "each job predicts its own source"
+    assert sorted(r["id"] for r in _predictions(store, "base")) == sorted(
+        r["id"] for r in recs[2:]
+    ), "the held-out predictions, which evaluate scores, are untouched"
+
+    again = run_infer(specs["scans"], models=["base"])["models"]["base"]
+    assert (again["shards_run"], again["shards_skipped"]) == (0, 1), "the same source resumes"
+
+    named = _spec_for(
+        store, tiny_qwen2_vl, tmp_path, infer={"source": str(sources["scans"]), "job": "nov"}
+    )
+    assert bulk_job(named) == "nov"
+    other = _spec_for(
+        store, tiny_qwen2_vl, tmp_path, infer={"source": str(sources["more-scans"]), "job": "nov"}
+    )
+    run_infer(named, models=["base"])
+    with pytest.raises(ValueError, match=r"bulk/nov/input: .*use another infer.job or run.uri"):
+        run_infer(other, models=["base"])
 
 
 def test_float8_weights_and_other_kernels_make_other_predictions_but_batch_size_and_compilation_do_not(

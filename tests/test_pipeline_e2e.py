@@ -121,6 +121,7 @@ def test_pipeline_with_infer_source_captions_every_image_and_skips_evaluation(
 ) -> None:
     """Bulk captioning: train, then caption a folder of unlabeled images; a broken file is an error record."""
     from vlm_ray.pipeline import run_pipeline
+    from vlm_ray.stages.infer import bulk_job
 
     images = tmp_path / "incoming"
     images.mkdir()
@@ -141,9 +142,11 @@ def test_pipeline_with_infer_source_captions_every_image_and_skips_evaluation(
     assert "evaluate" not in results
     store = open_store(spec.run.uri)
     assert not store.exists(layout.EVAL_METRICS)
+    job = bulk_job(spec)
+    assert results["infer"]["predictions"] == store.uri_of(f"bulk/{job}/predictions")
     records = [
         json.loads(line)
-        for key in store.list(layout.predictions_dir("finetuned"))
+        for key in store.list(layout.predictions_dir("finetuned", job))
         if key.endswith(".jsonl") and "/_done/" not in key
         for line in store.read_text(key).splitlines()
     ]

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -467,6 +475,17 @@ class InferSpec(_Section):
         None,
         description="Images to caption (any data.source form); default: the prepared held-out split.",
     )
+    job: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$",
+        description=(
+            "With infer.source: the bulk job's folder, <run>/bulk/<job>/ (its prepared input and "
+            "its predictions), so that a trained run can caption any number of sources beside "
+            "its held-out predictions. Default: named after the source, e.g. '2026-11-1a2b3c4d' "
+            "for s3://bucket/scans/2026-11/ (its last path part and a hash of the whole), so "
+            "the same source resumes the same job."
+        ),
+    )
     format: DataFormat = Field("auto")
     prompt: str | None = Field(
         None, description="Fixed prompt for arbitrary images (default: data.prompt)."
@@ -573,6 +592,17 @@ class InferSpec(_Section):
         None,
         description="Column of infer.source holding references, if any (default: data.text_column).",
     )
+
+    @field_validator("job")
+    @classmethod
+    def _job_needs_a_source(cls, job: str | None, info: ValidationInfo) -> str | None:
+        # `source` is declared (so validated) before `job`: info.data holds it.
+        if job is not None and info.data.get("source") is None:
+            raise ValueError(
+                "names a bulk job over infer.source; set infer.source too (without it, infer "
+                "predicts the held-out split into <run>/predictions/)"
+            )
+        return job
 
 
 class EvalSpec(_Section):
@@ -702,7 +732,7 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid job spec {origin}:"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")  # our own validators' sentences
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `vlm-ray <stage> --help` lists the keys)"
         elif e["type"] == "missing":

@@ -53,7 +53,7 @@ def run_pipeline(spec: JobSpec) -> dict[str, Any]:
     print(f"Run {store.uri}")
     print(f"  prepared data : {store.uri_of(layout.PREPARED)}/  (manifest.json, quarantine/)")
     print(f"  model         : {store.uri_of('model')}/")
-    print(f"  predictions   : {store.uri_of(layout.PREDICTIONS)}/")
+    print(f"  predictions   : {results['infer']['predictions']}/")
     if "evaluate" in results:
         print(f"  report        : {store.uri_of(layout.EVAL_REPORT)}")
     print(f"  stage times   : {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")

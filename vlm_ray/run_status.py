@@ -119,8 +119,14 @@ def _images_per_s(records: list[dict[str, Any]]) -> float | None:
 
 
 def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
-    from vlm_ray.stages.infer import input_quarantine_keys, input_shards_prefix, shard_tasks
+    from vlm_ray.stages.infer import (
+        bulk_job,
+        input_quarantine_keys,
+        input_shards_prefix,
+        shard_tasks,
+    )
 
+    job = bulk_job(spec)
     prefix = input_shards_prefix(spec)
     inputs = list_shards(store, prefix)
     quarantined = input_quarantine_keys(store, prefix)
@@ -129,8 +135,8 @@ def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
         return StageStatus("infer", "not started", f"no input shards yet ({where})")
     per_tag, states, parts = {}, [], []
     for tag in spec.infer.models:
-        wanted = {t.shard_id for t in shard_tasks(inputs, tag, quarantined)}
-        ledger = ShardLedger(store, layout.predictions_dir(tag))
+        wanted = {t.shard_id for t in shard_tasks(inputs, tag, quarantined, job)}
+        ledger = ShardLedger(store, layout.predictions_dir(tag, job))
         done = [r for r in ledger.records() if r["shard_id"] in wanted]
         per_tag[tag] = {
             "shards_done": len(done),
@@ -156,8 +162,9 @@ def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
         if all(s == "not started" for s in states)
         else "partial"
     )
-    detail = "; ".join(parts) + f" -> {store.uri_of(layout.PREDICTIONS)}"
-    return StageStatus("infer", state, detail, {"input": store.uri_of(prefix), "models": per_tag})
+    detail = "; ".join(parts) + f" -> {store.uri_of(layout.predictions_root(job))}"
+    facts = {"input": store.uri_of(prefix), "job": job, "models": per_tag}
+    return StageStatus("infer", state, detail, facts)
 
 
 def _evaluate_status(store: Store) -> StageStatus:

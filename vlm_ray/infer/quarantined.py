@@ -1,8 +1,8 @@
 """Error records for the input rows prepare rejected, so predictions account for every input row.
 
 With infer.source, prepare_dataset writes an input shard's rejected rows to
-infer_input/quarantine/shard-NNNNN.jsonl (vlm_ray.data.quarantine), keyed by the same
-input-shard number as its parquet shard infer_input/all/shard-NNNNN.parquet. Those rows go
+bulk/<job>/input/quarantine/shard-NNNNN.jsonl (vlm_ray.data.quarantine), keyed by the same
+input-shard number as its parquet shard bulk/<job>/input/all/shard-NNNNN.parquet. Those rows go
 into the predictions file of the same shard, with prediction null and the reason as the error.
 """
 

@@ -1,15 +1,20 @@
 """The infer stage: predict every input shard with each model tag, exactly once, on a pool of Ray actors.
 
-    run_infer(spec) -> inputs: <run>/prepared/heldout/ (default) or infer.source prepared into
-    <run>/infer_input/all/ -> per tag ("base", "finetuned", ...): resolve the weights ->
-    InferActor pool (one model copy each) -> <run>/predictions/<tag>/shard-NNNNN.jsonl,
-    commit markers under predictions/<tag>/_done/, predictions/<tag>/manifest.json
+    run_infer(spec) -> inputs: <run>/prepared/heldout/ (default), or infer.source prepared into
+    <run>/bulk/<job>/input/all/ -> per tag ("base", "finetuned", ...): resolve the weights ->
+    InferActor pool (one model copy each) -> <predictions>/<tag>/shard-NNNNN.jsonl, commit
+    markers under <predictions>/<tag>/_done/, <predictions>/<tag>/manifest.json, where
+    <predictions> is <run>/predictions/ for the held-out split (what evaluate scores) and
+    <run>/bulk/<job>/predictions/ for infer.source (infer.job, default named after the source).
 
-With infer.source, the rows prepare quarantined go into their shard's predictions file as error
-records (prediction null, error = the reason), so predictions account for every input row once.
+A trained run can so caption any number of sources, each in its own folder beside its
+held-out predictions. With infer.source, the rows prepare quarantined go into their shard's
+predictions file as error records (prediction null, error = the reason), so predictions
+account for every input row once.
 
 A re-run skips committed shards; a re-run with another model, input or generation settings
-on the same predictions is refused rather than mixed (delete the folder or use a new run).
+on the same predictions is refused rather than mixed (delete the folder, or use another
+infer.job or run).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -47,24 +53,47 @@ def infer_source_spec(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"data": data})
 
 
-def input_shards_prefix(spec: JobSpec) -> str:
-    """Where the input shards are (or will be): the held-out split, or infer_input/all."""
+def job_name_for(source: str) -> str:
+    """A bulk job's default name: the source's last path part and a hash of the whole source.
+
+    s3://bucket/scans/2026-11/ -> 2026-11-<8 hex>. The same source string gives the same name
+    (a re-run resumes the job); another source, even one with the same last part, another.
+    """
+    source = source.strip()
+    path = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", source).rstrip("/")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", path.rsplit("/", 1)[-1]).strip("-._")[:40]
+    digest = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:8]
+    return f"{slug or 'source'}-{digest}"
+
+
+def bulk_job(spec: JobSpec) -> str | None:
+    """The bulk job of infer.source (infer.job, else named after the source); None: the held-out split."""
     if spec.infer.source is None:
+        return None
+    return spec.infer.job or job_name_for(spec.infer.source)
+
+
+def input_shards_prefix(spec: JobSpec) -> str:
+    """Where the input shards are (or will be): the held-out split, or bulk/<job>/input/all."""
+    job = bulk_job(spec)
+    if job is None:
         return f"{layout.PREPARED}/heldout"
-    return f"{layout.INFER_INPUT}/all"
+    return f"{layout.bulk_input(job)}/all"
 
 
 def input_prefix(spec: JobSpec) -> str:
     """input_shards_prefix, after preparing infer.source into it when the spec sets one."""
-    if spec.infer.source is None:
+    job = bulk_job(spec)
+    if job is None:
         return input_shards_prefix(spec)
     from vlm_ray.stages.prepare import prepare_dataset
 
+    log.info("infer: bulk job %r over %s", job, spec.infer.source)
     prepare_dataset(
         infer_source_spec(spec),
         spec.infer.source,
         spec.infer.format,
-        layout.INFER_INPUT,
+        layout.bulk_input(job),
         None,
         require_text=False,
         prompt=spec.infer.prompt,
@@ -78,7 +107,10 @@ def _shard_id_of(key: str) -> str:
 
 
 def shard_tasks(
-    input_keys: list[str], tag: str, quarantine_keys: list[str] | None = None
+    input_keys: list[str],
+    tag: str,
+    quarantine_keys: list[str] | None = None,
+    job: str | None = None,
 ) -> list[ShardTask]:
     """One task per input shard (prepared rows, quarantined rows or both); the predictions file takes its name."""
     inputs = {_shard_id_of(k): k for k in input_keys}
@@ -88,7 +120,7 @@ def shard_tasks(
         ShardTask(
             sid,
             inputs.get(sid),
-            f"{layout.predictions_dir(tag)}/{sid}.jsonl",
+            f"{layout.predictions_dir(tag, job)}/{sid}.jsonl",
             quarantined.get(sid),
         )
         for sid in sorted(inputs.keys() | quarantined.keys())
@@ -113,23 +145,38 @@ def predictions_fingerprint(spec: JobSpec, ref: ModelRef, prefix: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _refuse_mixed(store: Store, ledger: ShardLedger, fingerprint: str, ref: ModelRef) -> None:
+class MixedPredictionsError(RuntimeError):
+    """Predictions already in the folder were made with other weights, input or settings."""
+
+
+def _refuse_mixed(store: Store, ledger: ShardLedger, fingerprint: str) -> None:
     for record in ledger.records():
         if record.get("fingerprint") != fingerprint:
-            raise RuntimeError(
-                f"{store.uri_of(layout.predictions_dir(ref.tag))} holds predictions made with another "
-                f"model, input or generation settings (shard {record['shard_id']}); delete that folder "
-                "to predict again, or use a new run.uri"
+            where = (
+                "another infer.job or run.uri"
+                if ledger.prefix.startswith(layout.BULK)
+                else ("a new run.uri")
             )
+            raise MixedPredictionsError(
+                f"{store.uri_of(ledger.prefix)} holds predictions made with another model, input "
+                f"or generation settings (shard {record['shard_id']}); delete that folder to "
+                f"predict again, or use {where}"
+            )
+
+
+def _input_dir(prefix: str) -> str | None:
+    """The prepared-input folder of infer.source shards (bulk/<job>/input); None for the held-out split."""
+    if not prefix.startswith(layout.BULK + "/"):
+        return None
+    return prefix.rsplit("/", 1)[0]
 
 
 def _prepared_input(store: Store, prefix: str) -> dict[str, Any] | None:
     """The prepare manifest of infer.source inputs (None for the held-out split)."""
-    if not prefix.startswith(layout.INFER_INPUT) or not store.exists(
-        f"{layout.INFER_INPUT}/manifest.json"
-    ):
+    folder = _input_dir(prefix)
+    if folder is None or not store.exists(f"{folder}/manifest.json"):
         return None
-    return store.read_json(f"{layout.INFER_INPUT}/manifest.json")
+    return store.read_json(f"{folder}/manifest.json")
 
 
 def input_quarantine_keys(store: Store, prefix: str) -> list[str]:
@@ -146,7 +193,7 @@ def _input_quarantine(store: Store, prefix: str) -> dict[str, Any]:
     return {
         "input_rows": prepared.get("rows_in"),
         "input_quarantined": prepared.get("rows_quarantined", 0),
-        "input_quarantine": store.uri_of(f"{layout.INFER_INPUT}/quarantine"),
+        "input_quarantine": store.uri_of(f"{_input_dir(prefix)}/quarantine"),
     }
 
 
@@ -158,13 +205,14 @@ def predict_with(
     input_keys: list[str],
     quarantine_keys: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Predict every input shard with one model; returns (and writes) predictions/<tag>/manifest.json."""
+    """Predict every input shard with one model; returns (and writes) <predictions>/<tag>/manifest.json."""
     start = time.time()
-    out_prefix = layout.predictions_dir(ref.tag)
+    job = bulk_job(spec)
+    out_prefix = layout.predictions_dir(ref.tag, job)
     ledger = ShardLedger(store, out_prefix)
     fingerprint = predictions_fingerprint(spec, ref, prefix)
-    _refuse_mixed(store, ledger, fingerprint, ref)
-    tasks = shard_tasks(input_keys, ref.tag, quarantine_keys)
+    _refuse_mixed(store, ledger, fingerprint)
+    tasks = shard_tasks(input_keys, ref.tag, quarantine_keys, job)
     done = ledger.done_ids()
     todo = [t for t in tasks if t.shard_id not in done]
     log.info(
@@ -189,6 +237,8 @@ def predict_with(
     rows_ran = sum(r["rows"] for r in ran)
     manifest = {
         "tag": ref.tag,
+        "job": job,
+        "source": spec.infer.source,
         "model": ref.to_dict(),
         "input": store.uri_of(prefix),
         **_input_quarantine(store, prefix),
@@ -224,19 +274,22 @@ def predict_with(
     store.write_json(f"{out_prefix}/manifest.json", manifest)
     if manifest.get("input_rows") not in (None, manifest["rows"]):
         log.warning(
-            "infer[%s]: %d prediction records for %d input rows (infer_input/manifest.json rows_in)",
+            "infer[%s]: %d prediction records for %d input rows (the prepared input's rows_in)",
             ref.tag,
             manifest["rows"],
             manifest["input_rows"],
         )
     for actor, a in manifest["actors"].items():
+        rate = a["steady_images_per_s"]
         log.info(
-            "infer[%s]: actor %s: %d shards, %d rows, %s images/s after its first shard",
+            "infer[%s]: actor %s: %d shards, %d rows, %s",
             ref.tag,
             actor,
             a["shards"],
             a["rows"],
-            a["steady_images_per_s"],
+            f"{rate} images/s after its first shard"
+            if rate is not None
+            else "no rate after its first shard (it ran one)",
         )
     if len(manifest["actors"]) > 1 and manifest["images_per_s_all_warm"] is not None:
         log.info(
@@ -280,10 +333,11 @@ def run_infer(
     results = {
         ref.tag: predict_with(spec, store, ref, prefix, keys, quarantine_keys) for ref in refs
     }
+    predictions = store.uri_of(layout.predictions_root(bulk_job(spec)))
     log.info(
         "infer: done in %.1f s: %s -> %s",
         time.time() - start,
         ", ".join(f"{t} {m['rows']} rows" for t, m in results.items()),
-        store.uri_of(layout.PREDICTIONS),
+        predictions,
     )
-    return {"input": store.uri_of(prefix), "models": results}
+    return {"input": store.uri_of(prefix), "predictions": predictions, "models": results}

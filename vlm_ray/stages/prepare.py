@@ -212,7 +212,8 @@ def prepare_dataset(
                 raise ValueError(
                     f"input shard {shard.index} (rows {shard.start}..) of {src.given} is not what was "
                     f"prepared into {store.uri_of(out_prefix)}: the source changed since. Resume only "
-                    "with an unchanged source; otherwise use a new run.uri or delete the old output"
+                    f"with an unchanged source; otherwise use {_elsewhere(out_prefix)} or delete the "
+                    "old output"
                 )
             skipped += 1
             continue
@@ -360,6 +361,11 @@ def _refuse_mixed_outputs(
     if any(r.get("fingerprint") != fingerprint for r in committed.values()):
         raise ValueError(
             f"{store.uri_of(out_prefix)} was prepared with different data settings (source, columns, "
-            "image sizes, split or shard size changed); use a new run.uri, or delete "
+            f"image sizes, split or shard size changed); use {_elsewhere(out_prefix)}, or delete "
             f"{store.uri_of(out_prefix)} to prepare again"
         )
+
+
+def _elsewhere(out_prefix: str) -> str:
+    """Where else prepared data can go: a bulk job's input can take another infer.job."""
+    return "another infer.job or run.uri" if out_prefix.startswith(layout.BULK) else "a new run.uri"
