@@ -9,6 +9,18 @@ from pathlib import Path
 SCRIPT = Path(__file__).parents[1] / "bench" / "device_chains.sh"
 
 
+def _run_chains(out: Path, *chains: Path, **env: str) -> subprocess.CompletedProcess:
+    """bench/device_chains.sh on these chain files, results under `out`, with only `env` set."""
+    return subprocess.run(
+        ["bash", str(SCRIPT), *map(str, chains)],
+        env={"OUT": str(out), "PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
 def test_chains_run_in_parallel_log_exit_codes_and_pack_the_results(tmp_path):
     marker = tmp_path / "first-chain-started"
     first = tmp_path / "gpu0.txt"
@@ -22,14 +34,7 @@ def test_chains_run_in_parallel_log_exit_codes_and_pack_the_results(tmp_path):
     second.write_text(f"until [ -e {marker} ]; do sleep 0.1; done\nexit 3\n")
     out = tmp_path / "out"
 
-    done = subprocess.run(
-        ["bash", str(SCRIPT), str(first), str(second)],
-        env={"OUT": str(out), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    done = _run_chains(out, first, second)
 
     assert "[2] exit 0" in (out / "r" / "chain0.log").read_text()
     chain1 = (out / "r" / "chain1.log").read_text()
@@ -43,17 +48,10 @@ def test_chains_run_in_parallel_log_exit_codes_and_pack_the_results(tmp_path):
 
 def test_chains_still_running_at_the_deadline_are_stopped_and_the_results_still_packed(tmp_path):
     chain = tmp_path / "gpu0.txt"
-    chain.write_text("echo early > $R/early.txt\nsleep 60\necho never > $R/late.txt\n")
+    chain.write_text("echo early > $R/early.txt\nsleep 120\necho never > $R/late.txt\n")
     out = tmp_path / "out"
 
-    subprocess.run(
-        ["bash", str(SCRIPT), str(chain)],
-        env={"OUT": str(out), "PATH": "/usr/bin:/bin", "CHAIN_DEADLINE": "2"},
-        capture_output=True,
-        text=True,
-        timeout=30,  # far less than the chain's sleep
-        check=True,
-    )
+    _run_chains(out, chain, CHAIN_DEADLINE="2")  # 60 s limit: less than the sleep
 
     log = (out / "r" / "chain0.log").read_text()
     assert "stopped at CHAIN_DEADLINE=2s" in log
@@ -70,14 +68,7 @@ def test_skip_leaves_out_the_commands_it_matches_and_says_so(tmp_path):
     )
     out = tmp_path / "out"
 
-    subprocess.run(
-        ["bash", str(SCRIPT), str(chain)],
-        env={"OUT": str(out), "PATH": "/usr/bin:/bin", "SKIP": "--modes b "},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    _run_chains(out, chain, SKIP="--modes b ")
 
     log = (out / "r" / "chain0.log").read_text()
     assert "[1] skipped (SKIP): python3 bench/infer_speed.py --shape 2b --modes b" in log
