@@ -78,3 +78,45 @@ def test_spec_subcommand_prints_the_validated_spec_with_defaults(
     assert main(["spec", "--config", str(ROOT / "examples/demo.yaml"), "lora.r=4"]) == 0
     out = capsys.readouterr().out
     assert "r: 4" in out and "finetune_mlp_modules: true" in out
+
+
+def test_a_bucket_that_does_not_exist_is_one_sentence_not_a_traceback(
+    s3_endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "status",
+            "--config",
+            str(ROOT / "examples/demo.yaml"),
+            "run.uri=s3://no-such-bucket/runs/r1",
+            f"run.s3_endpoint_url={s3_endpoint}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "vlm-ray status: S3 bucket no-such-bucket does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_missing_s3_credentials_are_named_with_the_variables_to_set(
+    s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup either
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+
+    code = main(
+        [
+            "status",
+            "--config",
+            str(ROOT / "examples/demo.yaml"),
+            "run.uri=s3://vlm-ray-test/runs/r1",
+            f"run.s3_endpoint_url={s3_endpoint}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "no credentials for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err
+    assert "Traceback" not in err

@@ -221,9 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "status":
         import json
 
+        from vlm_ray.operator_errors import operator_message
         from vlm_ray.run_status import format_status, run_status
 
-        status = run_status(spec)
+        try:
+            status = run_status(spec)
+        except Exception as err:
+            message = operator_message(err)
+            if message is None:
+                raise
+            log.debug("status failed", exc_info=True)
+            print(f"vlm-ray status: {message}", file=sys.stderr)
+            return 1
         print(json.dumps(status, indent=1) if args.json else format_status(status))
         return 0
     if args.stage == "spec":
@@ -239,10 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"vlm-ray {args.stage}: {err}", file=sys.stderr)
         return 2
-    except Exception:
-        log.exception(
-            "%s: failed after %.1f s (run %s)", args.stage, time.time() - start, spec.run.uri
-        )
+    except Exception as err:
+        from vlm_ray.operator_errors import operator_message
+
+        failed = f"{args.stage}: failed after {time.time() - start:.1f} s (run {spec.run.uri})"
+        message = operator_message(err)
+        if message is None:  # a bug or an unforeseen failure: its traceback helps
+            log.exception(failed)
+            return 1
+        # Something to fix outside the code: one sentence (the traceback with -v).
+        log.debug(failed, exc_info=True)
+        log.error("%s: %s", failed, message)
         return 1
     log.info("%s: done in %.1f s; outputs under %s", args.stage, time.time() - start, spec.run.uri)
     return 0

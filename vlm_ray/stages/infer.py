@@ -33,6 +33,7 @@ from vlm_ray.infer.loading import ModelRef, resolve_model_ref
 from vlm_ray.infer.pool import ShardTask, run_pool
 from vlm_ray.infer.throughput import actor_summary, shared_window_rate
 from vlm_ray.ledger import ShardLedger
+from vlm_ray.operator_errors import RunConflictError
 from vlm_ray.ray_cluster import cluster_gpus, init_ray
 from vlm_ray.storage import Store, open_store
 
@@ -145,7 +146,7 @@ def predictions_fingerprint(spec: JobSpec, ref: ModelRef, prefix: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class MixedPredictionsError(RuntimeError):
+class MixedPredictionsError(RunConflictError, RuntimeError):
     """Predictions already in the folder were made with other weights, input or settings."""
 
 

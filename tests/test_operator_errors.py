@@ -1,0 +1,49 @@
+"""Failures an operator fixes outside the code get one sentence naming the fix, also when a Ray
+task raised them; anything else gets None (and keeps its traceback)."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import EndpointConnectionError
+
+from vlm_ray.operator_errors import RunConflictError, operator_message
+from vlm_ray.stages.infer import MixedPredictionsError
+
+
+def test_a_conflict_raised_in_a_ray_task_reaches_the_driver_as_its_own_sentence(ray_cluster):
+    import ray
+
+    @ray.remote
+    def prepare_into_a_used_folder():
+        raise MixedPredictionsError("predictions/base holds predictions made with another model")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(prepare_into_a_used_folder.remote())
+
+    assert operator_message(raised.value) == (
+        "predictions/base holds predictions made with another model"
+    )
+
+
+def test_an_unreachable_endpoint_is_named_by_its_scheme_and_host_only():
+    err = EndpointConnectionError(endpoint_url="http://10.0.0.7:9000/bucket/runs/r1/spec.yaml")
+
+    message = operator_message(err)
+
+    assert message is not None
+    assert message.startswith("cannot reach the S3 endpoint http://10.0.0.7:9000: check")
+
+
+def test_a_conflict_is_recognised_through_the_exception_chain():
+    try:
+        try:
+            raise RunConflictError("bulk/nov/input was prepared with different data settings")
+        except RunConflictError as inner:
+            raise RuntimeError("infer failed") from inner
+    except RuntimeError as outer:
+        assert operator_message(outer) == "bulk/nov/input was prepared with different data settings"
+
+
+def test_other_failures_keep_their_traceback():
+    assert operator_message(ZeroDivisionError("division by zero")) is None
+    assert operator_message(RuntimeError("CUDA error: an illegal memory access")) is None

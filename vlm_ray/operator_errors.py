@@ -1,0 +1,80 @@
+"""Failures the operator fixes outside the code, said in one sentence instead of a traceback.
+
+A stage that cannot reach its object store, has no credentials for it, or finds a run folder
+holding work made with other settings stops with a message naming the fix; the command line
+prints that message (the traceback only with -v). Anything else is a bug or an unforeseen
+failure and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
+
+
+class RunConflictError(Exception):
+    """A run folder holds work made with other settings: refused rather than mixed."""
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """err and what it wraps (the exception chain); a Ray task's or actor's error by its `cause`.
+
+    Ray re-raises a task's exception as a class deriving from both RayTaskError and the
+    original, whose text is the remote traceback: the original (`cause`) is what to read.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            todo.insert(0, cause)
+            continue
+        yield e
+        todo += [e.__cause__, e.__context__]
+
+
+def operator_message(err: BaseException) -> str | None:
+    """The sentence for a failure the operator can fix (credentials, endpoint, bucket, a run
+    folder's conflicting contents); None for anything else."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    for e in _causes(err):
+        if isinstance(e, RunConflictError):
+            return str(e)
+        if isinstance(e, NoCredentialsError | PartialCredentialsError):
+            return (
+                "no credentials for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                "AWS_PROFILE) where the job runs; MinIO, Ceph and other S3 servers read the same"
+            )
+        if isinstance(e, EndpointConnectionError):
+            url = urlparse(str(e.kwargs.get("endpoint_url", "")))  # the request's whole URL
+            return (
+                f"cannot reach the S3 endpoint {url.scheme}://{url.netloc}: check "
+                "run.s3_endpoint_url (or AWS_ENDPOINT_URL) and that the server is up"
+            )
+        if isinstance(e, ClientError):
+            error = e.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            operation = getattr(e, "operation_name", "a request")
+            if code == "NoSuchBucket":
+                return (
+                    f"S3 bucket {error.get('BucketName') or '(of run.uri)'} does not exist: "
+                    "create it, or fix run.uri (or the source's URI)"
+                )
+            if code in _DENIED:
+                return (
+                    f"S3 refused {operation} ({code}: {error.get('Message', '')}): check that "
+                    "the credentials may read and write under run.uri"
+                )
+    return None
