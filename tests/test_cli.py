@@ -120,3 +120,16 @@ def test_missing_s3_credentials_are_named_with_the_variables_to_set(
     assert code == 1
     assert "no credentials for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err
     assert "Traceback" not in err
+
+
+def test_a_stage_run_before_the_one_it_reads_from_says_which_to_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["evaluate", "--config", str(ROOT / "examples/demo.yaml"), f"run.uri={tmp_path}"])
+
+    log = capsys.readouterr().out  # a stage logs to stdout, its error line too
+    assert code == 1
+    assert "ERROR vlm_ray: evaluate: failed after" in log
+    assert f"no predictions under file://{tmp_path}/predictions/<tag>/shard-*.jsonl" in log
+    assert "run the infer stage first" in log
+    assert "Traceback" not in log

@@ -1,7 +1,8 @@
 """Failures the operator fixes outside the code, said in one sentence instead of a traceback.
 
-A stage that cannot reach its object store, has no credentials for it, or finds a run folder
-holding work made with other settings stops with a message naming the fix; the command line
+A stage that cannot reach its object store, has no credentials for it, finds a run folder
+holding work made with other settings, or misses what an earlier stage writes stops with a
+message naming the fix; the command line
 prints that message (the traceback only with -v). Anything else is a bug or an unforeseen
 failure and keeps its traceback.
 """
@@ -16,6 +17,10 @@ _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 
 class RunConflictError(Exception):
     """A run folder holds work made with other settings: refused rather than mixed."""
+
+
+class MissingInputError(FileNotFoundError):
+    """What this stage reads is not there yet: an earlier stage has not run (the message says which)."""
 
 
 def _causes(err: BaseException) -> Iterator[BaseException]:
@@ -50,7 +55,7 @@ def operator_message(err: BaseException) -> str | None:
     )
 
     for e in _causes(err):
-        if isinstance(e, RunConflictError):
+        if isinstance(e, RunConflictError | MissingInputError):
             return str(e)
         if isinstance(e, NoCredentialsError | PartialCredentialsError):
             return (

@@ -31,6 +31,7 @@ from vlm_ray.models.packed_vision_attention import (
 from vlm_ray.models.patch_embed_matmul import run_patch_embeddings_as_matmul
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
+from vlm_ray.operator_errors import MissingInputError
 from vlm_ray.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def resolve_model_ref(
     run_store = open_store(runs.get(tag, spec.run.uri), spec.run.s3_endpoint_url)
     info_uri = run_store.uri_of(layout.MODEL_INFO)
     if not run_store.exists(layout.MODEL_INFO):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model tag {tag!r}: {info_uri} does not exist; run the train stage on that run first, "
             "or leave the tag out of infer.models"
         )

@@ -27,6 +27,7 @@ from vlm_ray import layout
 from vlm_ray.config import JobSpec, spec_to_dict
 from vlm_ray.data.shards import list_shards
 from vlm_ray.metrics import METRICS, improvement, normalize_text, score_row, score_rows
+from vlm_ray.operator_errors import MissingInputError
 from vlm_ray.report import plots
 from vlm_ray.report.markdown import headline_rows, render_report
 from vlm_ray.storage import Store, open_store
@@ -236,7 +237,7 @@ def run_evaluate(spec: JobSpec) -> dict[str, Any]:
     tags = list_model_tags(store)
     log.info("evaluate: start, models %s under %s", tags, store.uri_of(layout.PREDICTIONS))
     if not tags:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no predictions under {store.uri_of(layout.PREDICTIONS)}/<tag>/shard-*.jsonl: "
             "run the infer stage first"
         )

@@ -33,7 +33,7 @@ from vlm_ray.infer.loading import ModelRef, resolve_model_ref
 from vlm_ray.infer.pool import ShardTask, run_pool
 from vlm_ray.infer.throughput import actor_summary, shared_window_rate
 from vlm_ray.ledger import ShardLedger
-from vlm_ray.operator_errors import RunConflictError
+from vlm_ray.operator_errors import MissingInputError, RunConflictError
 from vlm_ray.ray_cluster import cluster_gpus, init_ray
 from vlm_ray.storage import Store, open_store
 
@@ -327,7 +327,7 @@ def run_infer(
     keys = list_shards(store, prefix)
     quarantine_keys = input_quarantine_keys(store, prefix)
     if not keys and not quarantine_keys:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"infer: no input shards under {store.uri_of(prefix)}; run the prepare stage first "
             "(or set infer.source to a folder or s3:// prefix of images)"
         )

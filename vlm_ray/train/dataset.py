@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from vlm_ray import layout
 from vlm_ray.data.shards import list_shards
+from vlm_ray.operator_errors import MissingInputError
 from vlm_ray.storage import Store
 from vlm_ray.train.length_grouping import lengths_of_tables
 
@@ -50,7 +51,7 @@ def list_prepared_shards(store: Store, split: str) -> list[tuple[str, int | None
                 known[entry["key"]] = entry
     keys = list_shards(store, f"{layout.PREPARED}/{split}")
     if not keys:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no prepared {split} shards under {store.uri_of(f'{layout.PREPARED}/{split}')}: "
             "run the prepare stage first (vlm-ray prepare --config <spec>)"
         )
