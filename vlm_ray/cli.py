@@ -57,8 +57,10 @@ STAGES: dict[str, Stage] = {
         "vlm_ray.stages.infer:run_infer",
         "caption/OCR images with a pool of Ray actors; one predictions file per input shard, exactly once",
         "By default predicts <run>/prepared/heldout/ with the base and the fine-tuned model "
-        "(infer.models); with infer.source set, captions any image source. Outputs go to "
-        "<run>/predictions/<base|finetuned>/; re-running skips finished shards.",
+        "(infer.models) into <run>/predictions/<base|finetuned>/, what evaluate scores. With "
+        "infer.source set, captions any image source as a bulk job in <run>/bulk/<job>/ "
+        "(input/ prepared, predictions/<tag>/; infer.job, default named after the source). "
+        "Re-running skips finished shards.",
         ("run", "model", "generation", "infer", "ray"),
     ),
     "evaluate": Stage(
