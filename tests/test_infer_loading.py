@@ -128,3 +128,32 @@ def test_a_model_folder_that_needs_remote_code_is_refused_naming_model_trust_rem
     spec = infer_spec(str(tmp_path / "run"), folder)
     with pytest.raises(ValueError, match=r"auto_map.*set model\.trust_remote_code=true"):
         load_for_inference(spec, resolve_model_ref(spec, "base"))
+
+
+def test_a_model_saved_with_a_truncation_setting_generates_without_one(tmp_path, tiny_qwen2_vl):
+    import shutil
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from vlm_ray.infer.generation import prepare_inputs, prompt_messages
+
+    saved = tmp_path / "saved"
+    shutil.copytree(tiny_qwen2_vl, saved)
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=8)  # what a training call leaves
+    tokenizer.save_pretrained(saved)
+    assert json.loads((saved / "tokenizer.json").read_text())["truncation"]["max_length"] == 8
+    spec = infer_spec(str(tmp_path / "run"), saved)
+
+    _, processor, _ = load_for_inference(spec, ModelRef("base", str(saved)))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inputs = prepare_inputs(
+            processor,
+            [Image.new("RGB", (56, 56), "white")],
+            [prompt_messages({"prompt": "Read the text in this image, please.", "messages": None})],
+        )
+    assert not [w for w in caught if "max_length" in str(w.message)]
+    assert inputs["input_ids"].shape[1] > 8, "the prompt and its image tokens, whole"

@@ -31,6 +31,7 @@ from vlm_ray.models.packed_vision_attention import (
 from vlm_ray.models.patch_embed_matmul import run_patch_embeddings_as_matmul
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
+from vlm_ray.models.truncation import forget_truncation
 from vlm_ray.operator_errors import MissingInputError
 from vlm_ray.storage import open_store
 
@@ -93,6 +94,8 @@ def _left_padded(processor: Any) -> Any:
     processor.tokenizer.padding_side = "left"
     if getattr(processor, "padding_side", None) is not None:
         processor.padding_side = "left"
+    # A prompt is never truncated (that would cut its image tokens): no saved default either.
+    forget_truncation(processor)
     return processor
 
 

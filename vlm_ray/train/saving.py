@@ -12,24 +12,11 @@ from typing import Any
 
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
+from vlm_ray.models.truncation import forget_truncation
 from vlm_ray.storage import Store
 
 # (model with adapter, processor, local folder): writes the merged model and its processor there.
 SaveMerged = Callable[[Any, Any, Path], None]
-
-
-def forget_truncation(processor: Any) -> None:
-    """Clear the truncation the training collator left on the fast tokenizer's backend.
-
-    The collator tokenizes with truncation at model.max_seq_length, and the Rust tokenizer keeps
-    that setting: saved as it is, tokenizer.json would carry it, and transformers would read it
-    back as the loaded tokenizer's default max_length (a warning on every inference batch, and a
-    truncation default nobody asked for in the saved model).
-    """
-    tokenizer = getattr(processor, "tokenizer", processor)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is not None:
-        backend.no_truncation()
 
 
 def save_pretrained_and_upload(
