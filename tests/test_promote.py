@@ -17,9 +17,21 @@ from vlm_ray.stages.promote import (
 from vlm_ray.storage import S3Store, Store
 
 
-def test_first_run_promotes_by_default() -> None:
+def test_first_run_promotes_by_default_when_the_base_model_was_not_scored() -> None:
     d = decide_promotion("cer", {"cer": 0.9}, None, margin=0.1)
-    assert d.promote and "first run" in d.reason and d.champion_score is None
+    assert d.promote and "first run promotes by default" in d.reason
+    assert d.champion_score is None and d.base_score is None
+
+
+def test_a_first_run_no_better_than_the_base_model_is_not_promoted() -> None:
+    kept = decide_promotion("cer", {"cer": 0.95}, None, margin=0.05, base={"cer": 0.97})
+    assert not kept.promote
+    assert kept.reason == (
+        "no champion yet: challenger cer 0.9500 does not beat the base model's 0.9700 by margin 0.05"
+    )
+    assert (kept.challenger_score, kept.champion_score, kept.base_score) == (0.95, None, 0.97)
+    won = decide_promotion("exact_match", {"exact_match": 0.9}, None, 0.0, base={"exact_match": 0})
+    assert won.promote and "beats the base model's 0.0000" in won.reason
 
 
 def test_lower_is_better_metric_must_drop_by_the_margin() -> None:
@@ -60,9 +72,11 @@ def _spec(store: Store, metric: str = "cer", margin: float = 0.05) -> JobSpec:
     )
 
 
-def _finished_run(store: Store, name: str, challenger: float, champion: float | None) -> str:
+def _finished_run(
+    store: Store, name: str, challenger: float, champion: float | None, base: float = 1.0
+) -> str:
     """A run folder as evaluate leaves it: eval/metrics.json + model/model_info.json."""
-    models = {"base": {"cer": 1.0}, "finetuned": {"cer": challenger}}
+    models = {"base": {"cer": base}, "finetuned": {"cer": challenger}}
     if champion is not None:
         models["champion"] = {"cer": champion}
     run = store.child(f"runs/{name}")
@@ -116,3 +130,12 @@ def test_promotion_root_defaults_to_the_parent_of_the_run() -> None:
     assert promotion_root(spec) == "s3://b/retrain"
     spec.promote.root = "s3://b/champions"
     assert promotion_root(spec) == "s3://b/champions"
+
+
+def test_a_first_run_that_does_not_beat_its_base_model_leaves_no_champion(store: Store) -> None:
+    kept = run_promote(_spec(store), _finished_run(store, "r1", 0.93, None, base=0.95), store.uri)
+
+    assert kept["decision"] == "kept" and kept["base_score"] == 0.95
+    assert not store.exists(CURRENT)
+    (record,) = [store.read_json(k) for k in store.list(PROMOTIONS) if k.endswith(".json")]
+    assert record["decision"] == "kept" and record["base_score"] == 0.95

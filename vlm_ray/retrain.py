@@ -94,15 +94,16 @@ def run_retrain(spec: JobSpec) -> dict[str, Any]:
     stage("evaluate", run_evaluate, spec)
     result = stage("promote", run_promote, spec, run_store.uri, root_store.uri)
     result["timings_s"] = timings
-    score = result["champion_score"]
+    others = [("champion", result["champion_score"]), ("base model", result.get("base_score"))]
     print()
     print(f"Retraining run {run_store.uri}: {result['decision'].upper()}")
     print(f"  {result['reason']}")
     print(
         f"  {result['metric']}: challenger {result['challenger_score']:.4f}"
-        + ("" if score is None else f", champion {score:.4f}")
+        + "".join(f", {name} {score:.4f}" for name, score in others if score is not None)
     )
-    print(f"  champion pointer : {result['current']}")
+    no_champion = result["decision"] == "kept" and result.get("champion") is None
+    print(f"  champion pointer : {result['current']}" + (" (none yet)" if no_champion else ""))
     print(f"  decision record  : {result['record']}")
     log.info("retrain: %s in %.1f s", result["decision"], time.time() - start)
     return result

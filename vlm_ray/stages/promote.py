@@ -42,6 +42,8 @@ class PromotionDecision:
     margin: float
     challenger_score: float
     champion_score: float | None
+    # With no champion yet: the base model's score on the same held-out set, when evaluated.
+    base_score: float | None = None
 
 
 def decide_promotion(
@@ -49,8 +51,14 @@ def decide_promotion(
     challenger: dict[str, Any],
     champion: dict[str, Any] | None,
     margin: float,
+    base: dict[str, Any] | None = None,
 ) -> PromotionDecision:
-    """Promote when there is no champion, or the challenger beats it by `margin` on `metric`."""
+    """Promote when the challenger beats the champion by `margin` on `metric`.
+
+    With no champion yet, the base model stands in for it when it was evaluated on the same
+    held-out set (infer.models has "base"): a first fine-tune that is no better than the model
+    it started from is not promoted. Without base scores the first run promotes by default.
+    """
     from vlm_ray.metrics import is_better
 
     if metric not in challenger:
@@ -60,9 +68,20 @@ def decide_promotion(
         )
     score = float(challenger[metric])
     if champion is None:
-        return PromotionDecision(
-            True, "no champion yet: the first run promotes by default", metric, margin, score, None
+        if base is None or metric not in base:
+            reason = (
+                "no champion yet, and no base-model scores to compare with (infer.models has no "
+                "'base'): the first run promotes by default"
+            )
+            return PromotionDecision(True, reason, metric, margin, score, None)
+        floor = float(base[metric])
+        beats = is_better(metric, score, floor, margin)
+        reason = (
+            f"no champion yet: challenger {metric} {score:.4f} "
+            f"{'beats' if beats else 'does not beat'} the base model's {floor:.4f} by margin "
+            f"{margin}"
         )
+        return PromotionDecision(beats, reason, metric, margin, score, None, floor)
     if metric not in champion:
         raise ValueError(
             f"champion metrics have no {metric!r} (have: {sorted(champion)}); "
@@ -149,7 +168,11 @@ def run_promote(spec: JobSpec, challenger_run: str, root: str) -> dict[str, Any]
         )
 
     decision = decide_promotion(
-        spec.eval.metric, models[CHALLENGER_TAG], champion_metrics, spec.promote.margin
+        spec.eval.metric,
+        models[CHALLENGER_TAG],
+        champion_metrics,
+        spec.promote.margin,
+        base=models.get("base"),
     )
     # Another retraining may have moved the pointer while this one trained; comparing
     # against a stale champion would be wrong, so keep the champion and say why.
@@ -161,6 +184,7 @@ def run_promote(spec: JobSpec, challenger_run: str, root: str) -> dict[str, Any]
             decision.margin,
             decision.challenger_score,
             decision.champion_score,
+            decision.base_score,
         )
     now = datetime.now(UTC).isoformat()
     record = {
