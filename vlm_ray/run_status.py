@@ -200,14 +200,11 @@ def _promote_status(store: Store, spec: JobSpec) -> StageStatus | None:
         return StageStatus(
             "promote", "not started", f"no decision on this run; champion: {current}"
         )
-    metric, champion = decision.get("metric"), decision.get("champion_score")
-    against = f" vs champion {champion:.4f}" if champion is not None else " (no champion yet)"
-    detail = (
-        f"{decision['decision']}: challenger {metric} {decision.get('challenger_score'):.4f}"
-        f"{against}; {decision.get('reason')} -> {decision['record']}"
-    )
+    # The reason names the scores it compared (champion's, or with none yet the base model's).
+    detail = f"{decision['decision']}: {decision.get('reason')} -> {decision['record']}"
     facts = {
-        k: decision.get(k) for k in ("decision", "metric", "challenger_score", "champion_score")
+        k: decision.get(k)
+        for k in ("decision", "metric", "challenger_score", "champion_score", "base_score")
     }
     return StageStatus("promote", "done", detail, facts)
 
