@@ -220,10 +220,20 @@ def run_train(spec: JobSpec) -> dict[str, Any]:
         "train: done engine=%s steps=%s final_loss=%s samples/s=%s %.1fs%s -> %s",
         summary["engine"],
         summary["steps"],
-        f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else None,
+        _loss_text(summary),
         f"{summary['samples_per_second']:.1f}" if summary["samples_per_second"] else None,
         summary["wall_time_s"],
         f" (resumed from {summary['resumed_from']})" if summary["resumed_from"] else "",
         store.uri_of("model"),
     )
     return summary
+
+
+def _loss_text(summary: dict[str, Any]) -> str | None:
+    """The last logged loss; with no step logged (train.logging_steps above the steps run), the
+    run's mean loss, said as such."""
+    if summary["final_loss"] is not None:
+        return f"{summary['final_loss']:.4f}"
+    if summary.get("train_loss") is not None:
+        return f"{summary['train_loss']:.4f} (the run's mean: no step was logged)"
+    return None
