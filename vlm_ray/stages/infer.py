@@ -323,6 +323,12 @@ def run_infer(
     tags = list(models or spec.infer.models)
     # Resolve every tag before any work: a missing model fails in seconds, not after the base ran.
     refs = [resolve_model_ref(spec, tag, model_runs) for tag in tags]
+    if bulk_job(spec) is not None and len(tags) > 1:
+        log.info(
+            "infer: this bulk job captions every image with each of %s; "
+            "infer.models=[finetuned] runs the fine-tuned model alone",
+            tags,
+        )
     prefix = input_prefix(spec)
     keys = list_shards(store, prefix)
     quarantine_keys = input_quarantine_keys(store, prefix)
