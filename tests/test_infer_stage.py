@@ -182,6 +182,8 @@ def test_a_bulk_job_is_named_after_its_source_s_last_part_and_a_hash_of_the_whol
     assert job_name_for("s3://other/scans/2026-11/") != name
     assert job_name_for("/data/My Photos (2026)").startswith("My-Photos-2026-")
     assert job_name_for("hf://").startswith("source-")
+    assert job_name_for("s3://bucket/batches/2026-11.parquet").startswith("2026-11-")
+    assert job_name_for("/data/v1.2").startswith("v1.2-"), "only a data file's suffix goes"
 
 
 def test_a_run_captions_each_source_in_a_bulk_job_of_its_own_beside_its_heldout_predictions(

@@ -62,7 +62,9 @@ def job_name_for(source: str) -> str:
     """
     source = source.strip()
     path = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", source).rstrip("/")
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", path.rsplit("/", 1)[-1]).strip("-._")[:40]
+    # A data file's suffix says nothing about the job: batches/2026-11.parquet -> 2026-11-...
+    tail = re.sub(r"\.(jsonl|json|parquet|csv|arrow)$", "", path.rsplit("/", 1)[-1])
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip("-._")[:40]
     digest = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:8]
     return f"{slug or 'source'}-{digest}"
 
