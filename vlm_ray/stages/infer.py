@@ -7,7 +7,7 @@
     <predictions> is <run>/predictions/ for the held-out split (what evaluate scores) and
     <run>/bulk/<job>/predictions/ for infer.source (infer.job, default named after the source).
 
-A trained run can so caption any number of sources, each in its own folder beside its
+So a trained run can caption any number of sources, each in its own folder beside its
 held-out predictions. With infer.source, the rows prepare quarantined go into their shard's
 predictions file as error records (prediction null, error = the reason), so predictions
 account for every input row once.
@@ -155,11 +155,8 @@ class MixedPredictionsError(RunConflictError, RuntimeError):
 def _refuse_mixed(store: Store, ledger: ShardLedger, fingerprint: str) -> None:
     for record in ledger.records():
         if record.get("fingerprint") != fingerprint:
-            where = (
-                "another infer.job or run.uri"
-                if ledger.prefix.startswith(layout.BULK)
-                else ("a new run.uri")
-            )
+            bulk = ledger.prefix.startswith(layout.BULK)
+            where = "another infer.job or run.uri" if bulk else "a new run.uri"
             raise MixedPredictionsError(
                 f"{store.uri_of(ledger.prefix)} holds predictions made with another model, input "
                 f"or generation settings (shard {record['shard_id']}); delete that folder to "
