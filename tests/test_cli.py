@@ -80,22 +80,25 @@ def test_spec_subcommand_prints_the_validated_spec_with_defaults(
     assert "r: 4" in out and "finetune_mlp_modules: true" in out
 
 
-def test_a_bucket_that_does_not_exist_is_one_sentence_not_a_traceback(
-    s3_endpoint: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _failed_status_on_s3(run_uri: str, endpoint: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """`vlm-ray status` of the demo spec at run_uri on the test S3 server, which must fail with
+    exit code 1 and no traceback; what it printed on stderr."""
+    config = str(ROOT / "examples/demo.yaml")
     code = main(
-        [
-            "status",
-            "--config",
-            str(ROOT / "examples/demo.yaml"),
-            "run.uri=s3://no-such-bucket/runs/r1",
-            f"run.s3_endpoint_url={s3_endpoint}",
-        ]
+        ["status", "--config", config, f"run.uri={run_uri}", f"run.s3_endpoint_url={endpoint}"]
     )
     err = capsys.readouterr().err
     assert code == 1
-    assert "vlm-ray status: S3 bucket no-such-bucket does not exist" in err
     assert "Traceback" not in err
+    return err
+
+
+def test_a_bucket_that_does_not_exist_is_one_sentence_not_a_traceback(
+    s3_endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _failed_status_on_s3("s3://no-such-bucket/runs/r1", s3_endpoint, capsys)
+
+    assert "vlm-ray status: S3 bucket no-such-bucket does not exist" in err
 
 
 def test_missing_s3_credentials_are_named_with_the_variables_to_set(
@@ -107,19 +110,9 @@ def test_missing_s3_credentials_are_named_with_the_variables_to_set(
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
 
-    code = main(
-        [
-            "status",
-            "--config",
-            str(ROOT / "examples/demo.yaml"),
-            "run.uri=s3://vlm-ray-test/runs/r1",
-            f"run.s3_endpoint_url={s3_endpoint}",
-        ]
-    )
-    err = capsys.readouterr().err
-    assert code == 1
+    err = _failed_status_on_s3("s3://vlm-ray-test/runs/r1", s3_endpoint, capsys)
+
     assert "no credentials for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err
-    assert "Traceback" not in err
 
 
 def test_a_stage_run_before_the_one_it_reads_from_says_which_to_run(
