@@ -191,6 +191,7 @@ def test_a_run_captions_each_source_in_a_bulk_job_of_its_own_beside_its_heldout_
 ):
     from PIL import Image
 
+    from vlm_ray.run_status import run_status
     from vlm_ray.stages.infer import bulk_job, run_infer
 
     store = LocalStore(tmp_path / "run")
@@ -220,6 +221,19 @@ def test_a_run_captions_each_source_in_a_bulk_job_of_its_own_beside_its_heldout_
 
     again = run_infer(specs["scans"], models=["base"])["models"]["base"]
     assert (again["shards_run"], again["shards_skipped"]) == (0, 1), "the same source resumes"
+
+    # `vlm-ray status` of the run (no infer.source given) lists both jobs.
+    (bulk,) = [s for s in run_status(heldout_spec)["stages"] if s["stage"] == "bulk"]
+    assert bulk["state"] == "done"
+    assert bulk["detail"].startswith("2 jobs, 2 done (2 rows predicted) -> ")
+    assert bulk["facts"]["jobs"] == {
+        job: {"base": {"shards_done": 1, "shards": 1, "rows": 1, "errors": 0}}
+        for job in jobs.values()
+    }
+    store.delete(f"{layout.predictions_dir('base', jobs['scans'])}/_done/shard-00000.json")
+    (bulk,) = [s for s in run_status(heldout_spec)["stages"] if s["stage"] == "bulk"]
+    assert bulk["state"] == "partial"
+    assert f" | {jobs['scans']}: base 0/1 shards, 0 rows (0 errors) -> " in bulk["detail"]
 
     named = _spec_for(
         store, tiny_qwen2_vl, tmp_path, infer={"source": str(sources["scans"]), "job": "nov"}

@@ -39,6 +39,16 @@ def test_listing_is_recursive_sorted_and_relative_to_the_root(store: Store) -> N
     assert list(store.list("p")) == []
 
 
+def test_folders_are_listed_one_level_deep_without_their_contents(store: Store) -> None:
+    for key in ("bulk/b-job/input/all/shard-00000.parquet", "bulk/a-job/x.json", "bulk/top.json"):
+        store.write_text(key, key)
+    assert store.list_folders("bulk") == ["a-job", "b-job"]
+    assert store.list_folders("bulk/b-job") == ["input"]
+    assert store.list_folders("bulk/a-job") == []
+    assert store.list_folders("absent") == []
+    assert "bulk" in store.list_folders()
+
+
 def test_create_exclusive_lets_exactly_one_of_many_racers_win(store: Store) -> None:
     wins: list[bool] = []
     lock = threading.Lock()

@@ -118,23 +118,17 @@ def _images_per_s(records: list[dict[str, Any]]) -> float | None:
     return sum(r["rows"] for r in timed) / span if span > 0 else None
 
 
-def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
-    from vlm_ray.stages.infer import (
-        bulk_job,
-        input_quarantine_keys,
-        input_shards_prefix,
-        shard_tasks,
-    )
+def _predictions_progress(
+    store: Store, prefix: str, tags: list[str], job: str | None
+) -> tuple[State, dict[str, dict[str, Any]], list[str]]:
+    """Per model tag, how many of the input shards under prefix have committed predictions:
+    the overall state, the numbers per tag, and a phrase per tag (with rate and time left)."""
+    from vlm_ray.stages.infer import input_quarantine_keys, shard_tasks
 
-    job = bulk_job(spec)
-    prefix = input_shards_prefix(spec)
     inputs = list_shards(store, prefix)
     quarantined = input_quarantine_keys(store, prefix)
-    if not inputs and not quarantined:
-        where = "run prepare" if spec.infer.source is None else "infer prepares infer.source first"
-        return StageStatus("infer", "not started", f"no input shards yet ({where})")
     per_tag, states, parts = {}, [], []
-    for tag in spec.infer.models:
+    for tag in tags:
         wanted = {t.shard_id for t in shard_tasks(inputs, tag, quarantined, job)}
         ledger = ShardLedger(store, layout.predictions_dir(tag, job))
         done = [r for r in ledger.records() if r["shard_id"] in wanted]
@@ -155,16 +149,54 @@ def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
             left_s = (len(wanted) - len(done)) * per_tag[tag]["rows"] / len(done) / rate
             part += f", {rate:.1f} images/s: {rough_duration(left_s)} of work left"
         parts.append(part)
-    state: State = (
-        "done"
-        if all(s == "done" for s in states)
-        else "not started"
-        if all(s == "not started" for s in states)
-        else "partial"
-    )
+    return _overall(states), per_tag, parts
+
+
+def _overall(states: list[State]) -> State:
+    if all(s == "done" for s in states):
+        return "done"
+    return "not started" if all(s == "not started" for s in states) else "partial"
+
+
+def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
+    from vlm_ray.stages.infer import bulk_job, input_quarantine_keys, input_shards_prefix
+
+    job = bulk_job(spec)
+    prefix = input_shards_prefix(spec)
+    if not list_shards(store, prefix) and not input_quarantine_keys(store, prefix):
+        where = "run prepare" if spec.infer.source is None else "infer prepares infer.source first"
+        return StageStatus("infer", "not started", f"no input shards yet ({where})")
+    state, per_tag, parts = _predictions_progress(store, prefix, list(spec.infer.models), job)
     detail = "; ".join(parts) + f" -> {store.uri_of(layout.predictions_root(job))}"
     facts = {"input": store.uri_of(prefix), "job": job, "models": per_tag}
     return StageStatus("infer", state, detail, facts)
+
+
+def _bulk_status(store: Store, spec: JobSpec) -> StageStatus | None:
+    """Every bulk job of the run (infer.source jobs under bulk/), when the spec names none;
+    None when the run has none. Each job's models are those it has predictions for."""
+    if spec.infer.source is not None:
+        return None  # the infer line is that job's
+    jobs = store.list_folders(layout.BULK)
+    if not jobs:
+        return None
+    states, facts, unfinished = [], {}, []
+    for job in jobs:
+        tags = store.list_folders(layout.predictions_root(job))
+        prefix = f"{layout.bulk_input(job)}/all"
+        state, per_tag, parts = _predictions_progress(store, prefix, tags, job)
+        states.append(state if tags else "not started")
+        facts[job] = per_tag
+        if states[-1] != "done":  # finished jobs are counted; the JSON has every job
+            unfinished.append(f"{job}: " + ("; ".join(parts) if parts else "no predictions yet"))
+    rows = sum(t["rows"] for per_tag in facts.values() for t in per_tag.values())
+    detail = (
+        f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}, {states.count('done')} done "
+        f"({rows} rows predicted)"
+        + "".join(f" | {line}" for line in unfinished)
+        + f" -> {store.uri_of(layout.BULK)}"
+    )
+    return StageStatus("bulk", _overall(states), detail, {"jobs": facts})
 
 
 def _evaluate_status(store: Store) -> StageStatus:
@@ -219,9 +251,9 @@ def run_status(spec: JobSpec) -> dict[str, Any]:
         _infer_status(store, spec),
         _evaluate_status(store),
     ]
-    promote = _promote_status(store, spec)
-    if promote is not None:
-        stages.append(promote)
+    for extra in (_bulk_status(store, spec), _promote_status(store, spec)):
+        if extra is not None:
+            stages.append(extra)
     return {"run": store.uri_of(""), "stages": [asdict(s) for s in stages]}
 
 

@@ -57,6 +57,10 @@ class Store:
     def list(self, prefix: str = "") -> Iterator[str]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def list_folders(self, prefix: str = "") -> list[str]:  # pragma: no cover - interface
+        """The names of the folders right under prefix (not their contents), sorted."""
+        raise NotImplementedError
+
     def delete(self, key: str) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -186,6 +190,12 @@ class LocalStore(Store):
                     continue  # an in-flight atomic write, not an object
                 yield (Path(dirpath) / name).relative_to(self.root).as_posix()
 
+    def list_folders(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir())
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
@@ -297,6 +307,17 @@ class S3Store(Store):
         for page in paginator.paginate(Bucket=self.loc.bucket, Prefix=full):
             for obj in page.get("Contents", []):
                 yield obj["Key"][strip:]
+
+    def list_folders(self, prefix: str = "") -> list[str]:
+        # One "folder" level by S3's delimiter: the keys below it are never listed.
+        full = self._key(prefix).rstrip("/")
+        full = f"{full}/" if full else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        names = set()
+        for page in paginator.paginate(Bucket=self.loc.bucket, Prefix=full, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                names.add(common["Prefix"][len(full) :].rstrip("/"))
+        return sorted(names)
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.loc.bucket, Key=self._key(key))
