@@ -47,3 +47,16 @@ def test_a_conflict_is_recognised_through_the_exception_chain():
 def test_other_failures_keep_their_traceback():
     assert operator_message(ZeroDivisionError("division by zero")) is None
     assert operator_message(RuntimeError("CUDA error: an illegal memory access")) is None
+
+
+def test_asking_the_cluster_for_what_it_cannot_give_is_one_sentence():
+    from vlm_ray.infer.pool import UnhostableActorError
+    from vlm_ray.train.engine import EngineUnavailableError
+
+    for err in (
+        EngineUnavailableError(
+            "train.engine=unsloth needs a CUDA GPU, and this Ray cluster has none"
+        ),
+        UnhostableActorError("ray.num_cpus_per_worker=64 (with num_gpus=0) fits on no node"),
+    ):
+        assert operator_message(err) == str(err)

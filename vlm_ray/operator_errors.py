@@ -1,8 +1,8 @@
 """Failures the operator fixes outside the code, said in one sentence instead of a traceback.
 
 A stage that cannot reach its object store, has no credentials for it, finds a run folder
-holding work made with other settings, or misses what an earlier stage writes stops with a
-message naming the fix; the command line
+holding work made with other settings, misses what an earlier stage writes, or asks the cluster
+for what it cannot give stops with a message naming the fix; the command line
 prints that message (the traceback only with -v). Anything else is a bug or an unforeseen
 failure and keeps its traceback.
 """
@@ -15,12 +15,21 @@ from urllib.parse import urlparse
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
 
 
-class RunConflictError(Exception):
+class OperatorError(Exception):
+    """A failure whose message is the whole story: what is wrong and what to change."""
+
+
+class RunConflictError(OperatorError):
     """A run folder holds work made with other settings: refused rather than mixed."""
 
 
-class MissingInputError(FileNotFoundError):
+class MissingInputError(OperatorError, FileNotFoundError):
     """What this stage reads is not there yet: an earlier stage has not run (the message says which)."""
+
+
+class ClusterMismatchError(OperatorError):
+    """The spec asks for what this cluster cannot give: a GPU engine or float8 without GPUs, an
+    actor no node can host (Ray would wait for it forever)."""
 
 
 def _causes(err: BaseException) -> Iterator[BaseException]:
@@ -55,7 +64,7 @@ def operator_message(err: BaseException) -> str | None:
     )
 
     for e in _causes(err):
-        if isinstance(e, RunConflictError | MissingInputError):
+        if isinstance(e, OperatorError):
             return str(e)
         if isinstance(e, NoCredentialsError | PartialCredentialsError):
             return (

@@ -27,6 +27,7 @@ import ray
 from vlm_ray.config import JobSpec, parse_spec, spec_to_dict
 from vlm_ray.durations import rough_duration
 from vlm_ray.ledger import ShardLedger
+from vlm_ray.operator_errors import ClusterMismatchError
 from vlm_ray.ray_cluster import actor_was_restarted
 from vlm_ray.storage import open_store
 
@@ -234,12 +235,16 @@ def run_pool(
     return records
 
 
+class UnhostableActorError(ClusterMismatchError, ValueError):
+    """No node of this cluster can run an inference actor as the spec asks."""
+
+
 def _check_fits(spec: JobSpec, gpus: int) -> None:
     """Fail now, naming the field, when no node could ever host one actor (Ray would wait forever),
     or when the actors could only fail (float8 on a cluster without GPUs: each restart would
     load the model again before failing)."""
     if spec.infer.fp8 != "off" and not gpus:
-        raise ValueError(
+        raise UnhostableActorError(
             f"infer.fp8={spec.infer.fp8!r} needs GPUs of compute capability 8.9 or newer, and this "
             "Ray cluster has no GPUs; set infer.fp8: off or submit to a GPU cluster"
         )
@@ -247,7 +252,7 @@ def _check_fits(spec: JobSpec, gpus: int) -> None:
     cpus, want_gpus = spec.ray.num_cpus_per_worker, spec.ray.num_gpus_per_worker if gpus else 0
     if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= want_gpus for n in nodes):
         biggest = max((n.get("CPU", 0) for n in nodes), default=0)
-        raise ValueError(
+        raise UnhostableActorError(
             f"ray.num_cpus_per_worker={cpus} (with num_gpus={want_gpus}) fits on no node of this "
             f"cluster (largest node: {biggest} CPUs); lower it or add bigger nodes"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from vlm_ray.config import JobSpec, TrainSpec
+from vlm_ray.operator_errors import ClusterMismatchError
 
 # train.* settings that only the Unsloth engine reads (the transformers+PEFT engine trains without them).
 UNSLOTH_ONLY_SETTINGS = (
@@ -16,7 +17,7 @@ UNSLOTH_ONLY_SETTINGS = (
 )
 
 
-class EngineUnavailableError(RuntimeError):
+class EngineUnavailableError(ClusterMismatchError, RuntimeError):
     """The spec asks for an engine this machine cannot run."""
 
 
