@@ -118,15 +118,24 @@ def _images_per_s(records: list[dict[str, Any]]) -> float | None:
     return sum(r["rows"] for r in timed) / span if span > 0 else None
 
 
-def _predictions_progress(
-    store: Store, prefix: str, tags: list[str], job: str | None
-) -> tuple[State, dict[str, dict[str, Any]], list[str]]:
-    """Per model tag, how many of the input shards under prefix have committed predictions:
-    the overall state, the numbers per tag, and a phrase per tag (with rate and time left)."""
-    from vlm_ray.stages.infer import input_quarantine_keys, shard_tasks
+def _input_shards(store: Store, prefix: str) -> tuple[list[str], list[str]]:
+    """The input shards under prefix, and the quarantine files of rows prepare rejected there."""
+    from vlm_ray.stages.infer import input_quarantine_keys
 
-    inputs = list_shards(store, prefix)
-    quarantined = input_quarantine_keys(store, prefix)
+    return list_shards(store, prefix), input_quarantine_keys(store, prefix)
+
+
+def _predictions_progress(
+    store: Store,
+    inputs: list[str],
+    quarantined: list[str],
+    tags: list[str],
+    job: str | None,
+) -> tuple[State, dict[str, dict[str, Any]], list[str]]:
+    """Per model tag, how many of the input shards have committed predictions: the overall
+    state, the numbers per tag, and a phrase per tag (with rate and time left)."""
+    from vlm_ray.stages.infer import shard_tasks
+
     per_tag, states, parts = {}, [], []
     for tag in tags:
         wanted = {t.shard_id for t in shard_tasks(inputs, tag, quarantined, job)}
@@ -159,14 +168,16 @@ def _overall(states: list[State]) -> State:
 
 
 def _infer_status(store: Store, spec: JobSpec) -> StageStatus:
-    from vlm_ray.stages.infer import bulk_job, input_quarantine_keys, input_shards_prefix
+    from vlm_ray.stages.infer import bulk_job, input_shards_prefix
 
     job = bulk_job(spec)
     prefix = input_shards_prefix(spec)
-    if not list_shards(store, prefix) and not input_quarantine_keys(store, prefix):
+    inputs, quarantined = _input_shards(store, prefix)
+    if not inputs and not quarantined:
         where = "run prepare" if spec.infer.source is None else "infer prepares infer.source first"
         return StageStatus("infer", "not started", f"no input shards yet ({where})")
-    state, per_tag, parts = _predictions_progress(store, prefix, list(spec.infer.models), job)
+    tags = list(spec.infer.models)
+    state, per_tag, parts = _predictions_progress(store, inputs, quarantined, tags, job)
     detail = "; ".join(parts) + f" -> {store.uri_of(layout.predictions_root(job))}"
     facts = {"input": store.uri_of(prefix), "job": job, "models": per_tag}
     return StageStatus("infer", state, detail, facts)
@@ -183,8 +194,8 @@ def _bulk_status(store: Store, spec: JobSpec) -> StageStatus | None:
     states, facts, unfinished = [], {}, []
     for job in jobs:
         tags = store.list_folders(layout.predictions_root(job))
-        prefix = f"{layout.bulk_input(job)}/all"
-        state, per_tag, parts = _predictions_progress(store, prefix, tags, job)
+        inputs, quarantined = _input_shards(store, f"{layout.bulk_input(job)}/all")
+        state, per_tag, parts = _predictions_progress(store, inputs, quarantined, tags, job)
         states.append(state if tags else "not started")
         facts[job] = per_tag
         if states[-1] != "done":  # finished jobs are counted; the JSON has every job
