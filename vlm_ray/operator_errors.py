@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
+from vlm_ray import layout
+
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
 
 
@@ -21,6 +23,12 @@ class OperatorError(Exception):
 
 class RunConflictError(OperatorError):
     """A run folder holds work made with other settings: refused rather than mixed."""
+
+
+def elsewhere(prefix: str) -> str:
+    """Where work refused at prefix can go instead, for a RunConflictError's message: a bulk
+    job's folder can give way to another infer.job; anything else to a new run."""
+    return "another infer.job or run.uri" if prefix.startswith(layout.BULK) else "a new run.uri"
 
 
 class MissingInputError(OperatorError, FileNotFoundError):

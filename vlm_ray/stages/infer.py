@@ -33,7 +33,7 @@ from vlm_ray.infer.loading import ModelRef, resolve_model_ref
 from vlm_ray.infer.pool import ShardTask, run_pool
 from vlm_ray.infer.throughput import actor_summary, shared_window_rate
 from vlm_ray.ledger import ShardLedger
-from vlm_ray.operator_errors import MissingInputError, RunConflictError
+from vlm_ray.operator_errors import MissingInputError, RunConflictError, elsewhere
 from vlm_ray.ray_cluster import cluster_gpus, init_ray
 from vlm_ray.storage import Store, open_store
 
@@ -155,12 +155,10 @@ class MixedPredictionsError(RunConflictError, RuntimeError):
 def _refuse_mixed(store: Store, ledger: ShardLedger, fingerprint: str) -> None:
     for record in ledger.records():
         if record.get("fingerprint") != fingerprint:
-            bulk = ledger.prefix.startswith(layout.BULK)
-            where = "another infer.job or run.uri" if bulk else "a new run.uri"
             raise MixedPredictionsError(
                 f"{store.uri_of(ledger.prefix)} holds predictions made with another model, input "
                 f"or generation settings (shard {record['shard_id']}); delete that folder to "
-                f"predict again, or use {where}"
+                f"predict again, or use {elsewhere(ledger.prefix)}"
             )
 
 

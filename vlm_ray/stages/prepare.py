@@ -33,7 +33,7 @@ from vlm_ray.data.sources import (
     read_input_shard,
 )
 from vlm_ray.ledger import ShardLedger
-from vlm_ray.operator_errors import RunConflictError
+from vlm_ray.operator_errors import RunConflictError, elsewhere
 from vlm_ray.ray_cluster import cluster_cpus, init_ray
 from vlm_ray.storage import open_store
 
@@ -213,7 +213,7 @@ def prepare_dataset(
                 raise PreparedConflictError(
                     f"input shard {shard.index} (rows {shard.start}..) of {src.given} is not what was "
                     f"prepared into {store.uri_of(out_prefix)}: the source changed since. Resume only "
-                    f"with an unchanged source; otherwise use {_elsewhere(out_prefix)} or delete the "
+                    f"with an unchanged source; otherwise use {elsewhere(out_prefix)} or delete the "
                     "old output"
                 )
             skipped += 1
@@ -362,15 +362,10 @@ def _refuse_mixed_outputs(
     if any(r.get("fingerprint") != fingerprint for r in committed.values()):
         raise PreparedConflictError(
             f"{store.uri_of(out_prefix)} was prepared with different data settings (source, columns, "
-            f"image sizes, split or shard size changed); use {_elsewhere(out_prefix)}, or delete "
+            f"image sizes, split or shard size changed); use {elsewhere(out_prefix)}, or delete "
             f"{store.uri_of(out_prefix)} to prepare again"
         )
 
 
 class PreparedConflictError(RunConflictError, ValueError):
     """Prepared shards under the output prefix came from another source or other data settings."""
-
-
-def _elsewhere(out_prefix: str) -> str:
-    """Where else prepared data can go: a bulk job's input can take another infer.job."""
-    return "another infer.job or run.uri" if out_prefix.startswith(layout.BULK) else "a new run.uri"
