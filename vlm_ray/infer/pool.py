@@ -45,9 +45,8 @@ class ShardTask:
     shard_id: str  # "shard-00003": the ledger's key
     # prepared/heldout/shard-00003.parquet; None when prepare rejected every row of the shard
     input_key: str | None
-    output_key: (
-        str  # predictions/<tag>/shard-00003.jsonl (bulk/<job>/predictions/... for a bulk job)
-    )
+    # predictions/<tag>/shard-00003.jsonl (bulk/<job>/predictions/<tag>/... for a bulk job)
+    output_key: str
     # bulk/<job>/input/quarantine/shard-00003.jsonl: rows prepare rejected, written as error records
     quarantine_key: str | None = None
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -177,14 +177,10 @@ def run_promote(spec: JobSpec, challenger_run: str, root: str) -> dict[str, Any]
     # Another retraining may have moved the pointer while this one trained; comparing
     # against a stale champion would be wrong, so keep the champion and say why.
     if decision.promote and read_champion(root_store) != champion_ptr:
-        decision = PromotionDecision(
-            False,
-            "current.json changed while this run was evaluated; keeping the newer champion",
-            decision.metric,
-            decision.margin,
-            decision.challenger_score,
-            decision.champion_score,
-            decision.base_score,
+        decision = replace(
+            decision,
+            promote=False,
+            reason="current.json changed while this run was evaluated; keeping the newer champion",
         )
     now = datetime.now(UTC).isoformat()
     record = {
