@@ -492,15 +492,18 @@ def mode_c(
     rows_per_shard: int,
     cpus: int,
     gpus_per_actor: float = 1.0,
+    actors_per_gpu: int = 1,
 ) -> dict:
-    """The stage's actor pool over n images in shards; gpus_per_actor < 1 puts several actors
-    (each its own process and model copy) on one GPU, so one's host-side gaps can be filled by
-    another's kernels."""
+    """The stage's actor pool over n images in shards, one actor per GPU share. Several actors
+    (each its own process and model copy) share a GPU with actors_per_gpu > 1
+    (infer.actors_per_gpu) or gpus_per_actor < 1 (ray.num_gpus_per_worker, as inference run 15
+    measured), so one's host-side gaps can be filled by another's kernels."""
     import logging
 
     import ray
 
     from vlm_ray.config import parse_spec
+    from vlm_ray.infer.pool import default_pool_size
     from vlm_ray.infer.throughput import pool_steady_rate, shared_window_rate
     from vlm_ray.ledger import ShardLedger
     from vlm_ray.stages.infer import run_infer
@@ -513,17 +516,14 @@ def mode_c(
     shutil.rmtree(run / "predictions", ignore_errors=True)
     ray.init(num_gpus=gpus, include_dashboard=False)
     raw = bench_spec(str(run), model_dir, engine, batch)
-    actors = max(1, round(gpus / gpus_per_actor)) if gpus else 1
     spec = parse_spec(
         {
             **raw,
-            "ray": {
-                "pool_size": actors,
-                "num_cpus_per_worker": cpus,
-                "num_gpus_per_worker": gpus_per_actor,
-            },
+            "infer": {**raw["infer"], "actors_per_gpu": actors_per_gpu},
+            "ray": {"num_cpus_per_worker": cpus, "num_gpus_per_worker": gpus_per_actor},
         }
     )
+    actors = default_pool_size(spec, gpus)  # the stage's own default, as run_infer sizes it
     t = time.perf_counter()
     result = run_infer(spec, models=["base"])["models"]["base"]
     wall = time.perf_counter() - t
@@ -542,6 +542,7 @@ def mode_c(
         "engine": engine,
         "gpus": gpus,
         "gpus_per_actor": gpus_per_actor,
+        "actors_per_gpu": actors_per_gpu,
         "actors": actors,
         "batch": batch,
         "images": n,
@@ -580,7 +581,13 @@ def main() -> None:
         "--gpus-per-actor",
         type=float,
         default=1.0,
-        help="mode c: ray.num_gpus_per_worker; 0.5 puts two actors on each GPU",
+        help="mode c: ray.num_gpus_per_worker; 0.5 puts two actors on each GPU (run 15's way)",
+    )
+    p.add_argument(
+        "--actors-per-gpu",
+        type=int,
+        default=1,
+        help="mode c: infer.actors_per_gpu, model copies per GPU (the spec's way to share one)",
     )
     p.add_argument("--engine", default="auto", choices=["auto", "hf", "unsloth"])
     p.add_argument("--out", default="infer_speed.jsonl")
@@ -635,6 +642,7 @@ def main() -> None:
             a.rows_per_shard,
             a.cpus_per_actor,
             a.gpus_per_actor,
+            a.actors_per_gpu,
         )
     else:
         raise SystemExit(f"unknown mode {a.run_mode}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -151,12 +152,22 @@ class InferActor:
         return record
 
 
+def actor_gpus(spec: JobSpec, gpus: int) -> float:
+    """The GPU share of one inference actor: none without GPUs, else ray.num_gpus_per_worker
+    split between infer.actors_per_gpu model copies."""
+    if not gpus:
+        return 0
+    # Ray keeps resource amounts to 4 decimals; rounding down keeps n shares within the whole
+    return math.floor(spec.ray.num_gpus_per_worker / spec.infer.actors_per_gpu * 1e4) / 1e4
+
+
 def default_pool_size(spec: JobSpec, gpus: int) -> int:
-    """spec.ray.pool_size, else one actor per GPU-share in the cluster, else 1 (CPU)."""
+    """spec.ray.pool_size, else as many actors as the cluster's GPUs hold, else 1 (CPU)."""
     if spec.ray.pool_size:
         return spec.ray.pool_size
-    if gpus and spec.ray.num_gpus_per_worker:
-        return max(1, int(gpus / spec.ray.num_gpus_per_worker))
+    share = actor_gpus(spec, gpus)
+    if share:
+        return max(1, int(gpus / share + 1e-6))
     return 1
 
 
@@ -181,7 +192,7 @@ def run_pool(
     restarts = spec.ray.max_retries
     actor_cls = InferActor.options(
         num_cpus=spec.ray.num_cpus_per_worker,
-        num_gpus=spec.ray.num_gpus_per_worker if gpus else 0,
+        num_gpus=actor_gpus(spec, gpus),
         max_restarts=restarts,
         # a shard call in flight (or queued) when the actor died runs again on the restarted actor
         max_task_retries=restarts,
@@ -198,7 +209,7 @@ def run_pool(
         ref["tag"],
         len(tasks),
         size,
-        spec.ray.num_gpus_per_worker if gpus else 0,
+        actor_gpus(spec, gpus),
         restarts,
     )
     progress = _Progress(ref["tag"], len(tasks), compiling=compile_note(spec))
@@ -248,7 +259,7 @@ def _check_fits(spec: JobSpec, gpus: int) -> None:
             "Ray cluster has no GPUs; set infer.fp8: off or submit to a GPU cluster"
         )
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    cpus, want_gpus = spec.ray.num_cpus_per_worker, spec.ray.num_gpus_per_worker if gpus else 0
+    cpus, want_gpus = spec.ray.num_cpus_per_worker, actor_gpus(spec, gpus)
     if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= want_gpus for n in nodes):
         biggest = max((n.get("CPU", 0) for n in nodes), default=0)
         raise UnhostableActorError(
