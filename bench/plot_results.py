@@ -62,21 +62,24 @@ def infer_bars(paths: list[Path]) -> tuple[list[str], list[float], str]:
         for line in path.read_text().splitlines():
             r = json.loads(line)
             gpu = gpu or r.get("gpu", "")
-            extras = [x for x, on in (("fp8", r.get("fp8") not in (None, "off")),) if on]
+            switches = (
+                ("fp8", r.get("fp8") not in (None, "off")),
+                ("compiled LM", r.get("compile_language")),
+                ("deferred stop", r.get("defer_stop_check")),
+            )
+            extras = [x for x, on in switches if on]
             if r["mode"] == "b":
                 labels.append(f"(b) plain HF\nbatch {r['best_batch']}")
                 speed.append(r["images_per_s"])
             elif r["mode"] == "s":  # our generation code in one process, predict_table's rate
                 stream = "own" if r.get("preprocess_stream", "side") == "side" else "generation's"
-                if r.get("defer_stop_check"):
-                    extras.append("deferred stop")
                 labels.append(
                     f"(s) one process, batch {r['batch']}\n{stream} stream {' '.join(extras)}"
                 )
                 speed.append(r["predict_table_images_per_s"])
             else:
                 gpus = f"{r['gpus']} GPU{'s' if r['gpus'] > 1 else ''}"
-                shared = r.get("gpus_per_actor", 1.0) < 1
+                shared = r.get("gpus_per_actor", 1.0) < 1 or r.get("actors_per_gpu", 1) > 1
                 if shared:  # actors share GPUs: the rate once all were warm
                     gpus += f", {r['actors']} actors"
                 labels.append(f"({r['mode']}) pool, {gpus}\nbatch {r['batch']} {' '.join(extras)}")

@@ -41,12 +41,26 @@ def test_inference_bars_read_each_modes_own_rate(tmp_path):
             "images_per_s": 250.0,
             "images_per_s_all_warm": 180.0,
         },
+        # three copies per GPU through infer.actors_per_gpu, with the language model compiled
+        {
+            "mode": "c",
+            "gpus": 1,
+            "actors_per_gpu": 3,
+            "actors": 3,
+            "batch": 384,
+            "images_per_s": 240.0,
+            "images_per_s_all_warm": 205.0,
+            "compile_language": True,
+            "defer_stop_check": True,
+        },
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     labels, speed, _ = infer_bars([path])
-    assert speed == [70.0, 140.0, 160.0, 180.0]
+    assert speed == [70.0, 140.0, 160.0, 180.0, 205.0]
     assert "one process" in labels[1] and "fp8" in labels[1]
     assert "2 actors" in labels[3]
+    assert "3 actors" in labels[4] and "compiled LM" in labels[4] and "deferred stop" in labels[4]
+    assert "compiled LM" not in labels[3]
 
 
 def test_the_chart_is_written(tmp_path, monkeypatch):
