@@ -60,3 +60,26 @@ def test_asking_the_cluster_for_what_it_cannot_give_is_one_sentence():
         UnhostableActorError("ray.num_cpus_per_worker=64 (with num_gpus=0) fits on no node"),
     ):
         assert operator_message(err) == str(err)
+
+
+def test_a_gpu_out_of_memory_in_an_actor_names_the_settings_that_lower_it(ray_cluster):
+    import ray
+    import torch
+
+    @ray.remote
+    class Generator:
+        def generate(self):
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                "79.19 GiB of which 1.02 GiB is free.\nIncluding non-PyTorch memory, ..."
+            )
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(Generator.remote().generate.remote())
+
+    message = operator_message(raised.value)
+    assert message is not None
+    assert message.startswith("a GPU ran out of memory (CUDA out of memory. Tried to allocate")
+    assert "Including non-PyTorch" not in message  # one line of torch's text, not all of it
+    for field in ("generation.batch_size", "infer.actors_per_gpu"):
+        assert field in message

@@ -1,9 +1,9 @@
 """Failures the operator fixes outside the code, said in one sentence instead of a traceback.
 
 A stage that cannot reach its object store, has no credentials for it, finds a run folder
-holding work made with other settings, misses what an earlier stage writes, or asks the cluster
-for what it cannot give stops with a message naming the fix; the command line
-prints that message (the traceback only with -v). Anything else is a bug or an unforeseen
+holding work made with other settings, misses what an earlier stage writes, asks the cluster
+for what it cannot give, or runs a GPU out of memory stops with a message naming the fix; the
+command line prints that message (the traceback only with -v). Anything else is a bug or an unforeseen
 failure and keeps its traceback.
 """
 
@@ -61,6 +61,14 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
         todo += [e.__cause__, e.__context__]
 
 
+def _is_gpu_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError, known by its class so that the command line need not import torch."""
+    return any(
+        c.__name__ == "OutOfMemoryError" and c.__module__.startswith("torch")
+        for c in type(e).__mro__
+    )
+
+
 def operator_message(err: BaseException) -> str | None:
     """The sentence for a failure the operator can fix (credentials, endpoint, bucket, a run
     folder's conflicting contents); None for anything else."""
@@ -74,6 +82,13 @@ def operator_message(err: BaseException) -> str | None:
     for e in _causes(err):
         if isinstance(e, OperatorError):
             return str(e)
+        if _is_gpu_out_of_memory(e):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return (
+                f"a GPU ran out of memory ({first}): lower generation.batch_size or "
+                "infer.actors_per_gpu for infer, train.per_device_train_batch_size or "
+                "model.max_seq_length for train"
+            )
         if isinstance(e, NoCredentialsError | PartialCredentialsError):
             return (
                 "no credentials for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "

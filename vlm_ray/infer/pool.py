@@ -232,7 +232,11 @@ def run_pool(
                 load[a] -= 1
                 try:
                     record = ray.get(ref_)
-                except ray.exceptions.RayError as err:
+                except ray.exceptions.RayTaskError as err:  # predict_shard raised
+                    raise RuntimeError(
+                        f"infer[{ref['tag']}]: input shard {task.input_key} failed: {err}"
+                    ) from err
+                except ray.exceptions.RayError as err:  # the actor died once too often
                     raise RuntimeError(
                         f"infer[{ref['tag']}]: input shard {task.input_key} failed after "
                         f"{restarts} actor restarts: {err}"

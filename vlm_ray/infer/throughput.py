@@ -49,7 +49,7 @@ def shared_window_rate(records: list[dict[str, Any]]) -> float | None:
     """Images/s once every actor is warm: rows committed after the last actor's first shard,
     over the time from then to the last commit (None if no commit follows it).
 
-    For actors that share one GPU (ray.num_gpus_per_worker below 1), summing their own rates
+    For actors that share one GPU (infer.actors_per_gpu above 1), summing their own rates
     would count the time one ran alone, while another was still loading or compiling, at the
     speed of the whole GPU.
     """
