@@ -550,6 +550,7 @@ def mode_c(
         # each actor's own rate after its first shard, summed
         "images_per_s": pool_steady_rate(per_actor),
         "images_per_s_by_actor": {k: a["steady_images_per_s"] for k, a in per_actor.items()},
+        "gpu_peak_gib_by_actor": {k: a["gpu_peak_gib"] for k, a in per_actor.items()},
         # once every actor is warm: the figure to use when actors share a GPU
         "images_per_s_all_warm": shared_window_rate(records),
         "shard_commits": [

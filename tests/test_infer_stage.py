@@ -54,6 +54,7 @@ def test_every_heldout_row_is_predicted_once_per_model_and_a_rerun_redoes_only_u
         assert sum(a["shards"] for a in manifest["actors"].values()) == 3, (
             "every shard run, by actor"
         )
+        assert all(a["gpu_peak_gib"] is None for a in manifest["actors"].values()), "no GPU here"
     assert result["models"]["finetuned"]["model"]["adapter_uri"] == store.uri_of(layout.ADAPTER)
 
     # Lose one shard's commit (as if its actor died after writing the file): only it is redone.

@@ -19,9 +19,10 @@ def test_each_actor_is_timed_from_its_own_first_shard_and_the_pool_sums_them():
         _commit("gpu-b", 7, 256, 114.0),
     ]
     summary = actor_summary(records)
+    # A: 512 rows / 4 s after its first shard; B: 256 rows / 4 s
     assert summary == {
-        "gpu-a:7": {"shards": 3, "rows": 768, "steady_images_per_s": 128.0},  # 512 rows / 4 s
-        "gpu-b:7": {"shards": 2, "rows": 512, "steady_images_per_s": 64.0},  # 256 rows / 4 s
+        "gpu-a:7": {"shards": 3, "rows": 768, "steady_images_per_s": 128.0, "gpu_peak_gib": None},
+        "gpu-b:7": {"shards": 2, "rows": 512, "steady_images_per_s": 64.0, "gpu_peak_gib": None},
     }
     # one window from the earliest first shard would give (3 * 256) / 14 s = 54.9 images/s
     assert pool_steady_rate(summary) == 192.0
@@ -30,8 +31,8 @@ def test_each_actor_is_timed_from_its_own_first_shard_and_the_pool_sums_them():
 def test_an_actor_with_one_shard_has_no_steady_rate_and_records_without_a_node_use_the_pid():
     summary = actor_summary([_commit("", 41, 8, 5.0), {"pid": 42, "rows": 8, "committed_at": 6.0}])
     assert summary == {
-        "41": {"shards": 1, "rows": 8, "steady_images_per_s": None},
-        "42": {"shards": 1, "rows": 8, "steady_images_per_s": None},
+        "41": {"shards": 1, "rows": 8, "steady_images_per_s": None, "gpu_peak_gib": None},
+        "42": {"shards": 1, "rows": 8, "steady_images_per_s": None, "gpu_peak_gib": None},
     }
     assert pool_steady_rate(summary) is None
 
@@ -49,3 +50,15 @@ def test_actors_sharing_a_gpu_are_timed_together_once_the_last_one_is_warm():
     assert shared_window_rate(records) == 128.0
     assert shared_window_rate(records[:4]) is None  # nothing committed after the last first shard
     assert shared_window_rate([]) is None
+
+
+def test_an_actor_s_gpu_memory_peak_is_the_largest_its_shards_reported():
+    records = [
+        {**_commit("gpu", 1, 512, 10.0), "gpu_peak_gib": 24.1},
+        {**_commit("gpu", 1, 512, 13.0), "gpu_peak_gib": 24.9},  # a longer prompt, a larger cache
+        {**_commit("gpu", 1, 512, 16.0), "gpu_peak_gib": 24.9},
+        {**_commit("gpu", 2, 512, 11.0), "gpu_peak_gib": None},  # a CPU actor: nothing to report
+    ]
+    summary = actor_summary(records)
+    assert summary["gpu:1"]["gpu_peak_gib"] == 24.9
+    assert summary["gpu:2"]["gpu_peak_gib"] is None

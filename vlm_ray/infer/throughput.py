@@ -26,15 +26,18 @@ def _by_actor(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def actor_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Shards, rows and steady images/s (None with a single shard) of each actor in `records`."""
+    """Shards, rows, steady images/s (None with a single shard) and the GPU memory peak (None
+    off GPUs) of each actor in `records`."""
     summary = {}
     for actor, done in _by_actor(records).items():
         span = done[-1]["committed_at"] - done[0]["committed_at"]
         steady = sum(r["rows"] for r in done[1:]) / span if len(done) > 1 and span > 0 else None
+        peaks = [r["gpu_peak_gib"] for r in done if r.get("gpu_peak_gib") is not None]
         summary[actor] = {
             "shards": len(done),
             "rows": sum(r["rows"] for r in done),
             "steady_images_per_s": round(steady, 2) if steady is not None else None,
+            "gpu_peak_gib": max(peaks) if peaks else None,
         }
     return summary
 

@@ -280,7 +280,7 @@ def predict_with(
     for actor, a in manifest["actors"].items():
         rate = a["steady_images_per_s"]
         log.info(
-            "infer[%s]: actor %s: %d shards, %d rows, %s",
+            "infer[%s]: actor %s: %d shards, %d rows, %s%s",
             ref.tag,
             actor,
             a["shards"],
@@ -288,6 +288,7 @@ def predict_with(
             f"{rate} images/s after its first shard"
             if rate is not None
             else "no rate after its first shard (it ran one)",
+            f", GPU memory peak {a['gpu_peak_gib']} GiB" if a["gpu_peak_gib"] is not None else "",
         )
     if len(manifest["actors"]) > 1 and manifest["images_per_s_all_warm"] is not None:
         log.info(
