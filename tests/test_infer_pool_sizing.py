@@ -46,3 +46,10 @@ def test_run_15_s_way_of_sharing_a_gpu_still_sizes_the_pool_as_measured():
 def test_a_copy_count_out_of_range_is_refused_naming_the_field():
     with pytest.raises(SpecError, match=r"infer\.actors_per_gpu"):
         spec(infer={"actors_per_gpu": 0})
+
+
+def test_a_share_of_more_than_one_gpu_that_is_not_whole_is_refused_naming_both_fields():
+    # Ray would refuse num_gpus=1.5 only when the first actor starts
+    with pytest.raises(SpecError, match=r"infer\.actors_per_gpu: 2 .* ray\.num_gpus_per_worker: 3"):
+        spec(infer={"actors_per_gpu": 2}, ray={"num_gpus_per_worker": 3.0})
+    assert actor_gpus(spec(infer={"actors_per_gpu": 2}, ray={"num_gpus_per_worker": 4.0}), 8) == 2

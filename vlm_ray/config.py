@@ -732,6 +732,18 @@ class JobSpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _an_infer_actor_s_gpu_share_is_a_fraction_or_whole(self) -> JobSpec:
+        # Ray accepts a fraction of one GPU or a whole number of GPUs, nothing in between.
+        share = self.ray.num_gpus_per_worker / self.infer.actors_per_gpu
+        if share > 1 and share != int(share):
+            raise ValueError(
+                f"infer.actors_per_gpu: {self.infer.actors_per_gpu} copies over "
+                f"ray.num_gpus_per_worker: {self.ray.num_gpus_per_worker} GPUs leaves each "
+                f"{share:g} GPUs; Ray takes a fraction of one GPU or a whole number of them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _fp8_needs_a_16bit_lora_base(self) -> JobSpec:
         if not self.train.fp8:
             return self

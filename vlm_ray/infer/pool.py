@@ -168,7 +168,7 @@ def actor_gpus(spec: JobSpec, gpus: int) -> float:
     """The GPU share of one inference actor: none without GPUs, else ray.num_gpus_per_worker
     split between infer.actors_per_gpu model copies."""
     if not gpus:
-        return 0
+        return 0.0
     # Ray keeps resource amounts to 4 decimals; rounding down keeps n shares within the whole
     return math.floor(spec.ray.num_gpus_per_worker / spec.infer.actors_per_gpu * 1e4) / 1e4
 
