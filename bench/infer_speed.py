@@ -563,7 +563,8 @@ def mode_c(
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by tests that check bench/chains/ before device time)."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -606,7 +607,11 @@ def main() -> None:
         help="mode s: batches in its predict_table run (more: closer to the pool's steady state)",
     )
     p.add_argument("--run-mode", help=argparse.SUPPRESS)  # internal: one mode in this process
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     model_dir = Path(f"/tmp/infer_bench_{a.shape}")
     if a.run_mode is None:
         subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run-mode", "build"], check=True)

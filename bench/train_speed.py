@@ -883,7 +883,8 @@ def summarise(results: dict, shape: str, gpu: str, peak: float, earlier: dict | 
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by tests that check bench/chains/ before device time)."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -946,7 +947,11 @@ def main() -> None:
         help='JSON {"invocations": [...]}; an existing file keeps its invocations, this one is added',
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     model_dir = Path(a.model_dir or f"/tmp/bench_{FAMILY[a.shape]}_{a.shape}")
     sys.path.insert(0, str(REPO))
 
