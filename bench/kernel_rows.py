@@ -26,6 +26,19 @@ def wall_ms(step: Callable[[], object], iters: int, device: str) -> float:
     return (time.perf_counter() - start) / iters * 1e3
 
 
+def build_parser(
+    doc: str, add_arguments: Callable[[argparse.ArgumentParser], None]
+) -> argparse.ArgumentParser:
+    """--device and --out, then the script's own options from `add_arguments`."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--out", type=Path, default=None, help="append the rows here as JSON lines")
+    add_arguments(p)
+    return p
+
+
 def run_cli(
     doc: str,
     add_arguments: Callable[[argparse.ArgumentParser], None],
@@ -35,13 +48,7 @@ def run_cli(
 ) -> list[dict]:
     """Parse `argv` (the script's own options from `add_arguments`, plus --device and --out),
     run `measure`, append its rows to --out, print `table(rows)`, and return the rows."""
-    p = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--out", type=Path, default=None, help="append the rows here as JSON lines")
-    add_arguments(p)
-    a = p.parse_args(argv)
+    a = build_parser(doc, add_arguments).parse_args(argv)
     rows = measure(a)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 switches are ones the benches read, its job-spec overrides name real fields, and the tests it
 runs exist. Device time is scarce; a typo found there costs a whole chain.
 
-The arguments of infer_speed.py and train_speed.py (nearly all chain commands) are checked with
-their own parsers; the smaller benches build theirs inside main and are not.
+Each bench's arguments are checked with its own parser (infer_speed and train_speed's
+build_parser; the pricing benches' through bench.kernel_rows.build_parser).
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from bench import infer_speed, train_speed
+from bench import (
+    fp8_frozen_linear,
+    host_embedding_lookup,
+    infer_speed,
+    kernel_rows,
+    lora_overhead,
+    train_speed,
+    vision_kernels,
+)
 from vlm_ray.config import SpecError, apply_overrides, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +30,12 @@ CHAINS = sorted((ROOT / "bench" / "chains").glob("*.txt"))
 PARSERS = {
     "bench/infer_speed.py": infer_speed.build_parser,
     "bench/train_speed.py": train_speed.build_parser,
+    **{
+        f"bench/{m.__name__.split('.')[-1]}.py": (
+            lambda m=m: kernel_rows.build_parser(m.__doc__, m.add_arguments)
+        )
+        for m in (vision_kernels, lora_overhead, fp8_frozen_linear, host_embedding_lookup)
+    },
 }
 KNOWN_SWITCHES = {
     name
