@@ -147,21 +147,25 @@ class InferActor:
             "pid": os.getpid(),
             "actor_restarted": self.restarted,
             # what sizing infer.actors_per_gpu and generation.batch_size needs to know
-            "gpu_peak_gib": gpu_peak_gib(),
+            **gpu_memory_gib(),
         }
         if not self.ledger.commit(task.shard_id, record):  # another attempt committed first
             return self.ledger.store.read_json(f"{self.ledger.prefix}/_done/{task.shard_id}.json")
         return record
 
 
-def gpu_peak_gib() -> float | None:
-    """The most GPU memory this process's allocator has held so far (reserved, as the GPU sees
-    it, not only what tensors use), in GiB; None without CUDA."""
+def gpu_memory_gib() -> dict[str, float | None]:
+    """gpu_peak_gib: the most GPU memory this process's allocator has held so far (reserved, as
+    the GPU sees it, not only what tensors use); gpu_total_gib: its GPU's memory. None without
+    CUDA."""
     import torch
 
     if not torch.cuda.is_available():
-        return None
-    return round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        return {"gpu_peak_gib": None, "gpu_total_gib": None}
+    return {
+        "gpu_peak_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "gpu_total_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2),
+    }
 
 
 def actor_gpus(spec: JobSpec, gpus: int) -> float:

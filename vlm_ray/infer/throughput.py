@@ -33,13 +33,41 @@ def actor_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         span = done[-1]["committed_at"] - done[0]["committed_at"]
         steady = sum(r["rows"] for r in done[1:]) / span if len(done) > 1 and span > 0 else None
         peaks = [r["gpu_peak_gib"] for r in done if r.get("gpu_peak_gib") is not None]
+        totals = [r["gpu_total_gib"] for r in done if r.get("gpu_total_gib") is not None]
         summary[actor] = {
             "shards": len(done),
             "rows": sum(r["rows"] for r in done),
             "steady_images_per_s": round(steady, 2) if steady is not None else None,
             "gpu_peak_gib": max(peaks) if peaks else None,
+            "gpu_total_gib": max(totals) if totals else None,
         }
     return summary
+
+
+# Of a GPU's memory, what copies may plan to use: another process's CUDA context and the
+# allocator's fragmentation take the rest.
+USABLE_SHARE = 0.9
+
+
+def more_copies_hint(summary: dict[str, dict[str, Any]], actors_per_gpu: int) -> str | None:
+    """A sentence for the log when one model copy per GPU left room for another (by every
+    actor's memory peak), None otherwise: inference run 15 measured two copies 1.22x one."""
+    if actors_per_gpu != 1 or not summary:
+        return None
+    fits = []
+    for a in summary.values():
+        if not a.get("gpu_peak_gib") or not a.get("gpu_total_gib"):
+            return None
+        fits.append(int(a["gpu_total_gib"] * USABLE_SHARE // a["gpu_peak_gib"]))
+    if min(fits) < 2:
+        return None
+    peak = max(a["gpu_peak_gib"] for a in summary.values())
+    total = min(a["gpu_total_gib"] for a in summary.values())
+    return (
+        f"each actor peaked at {peak} of its GPU's {total} GiB: infer.actors_per_gpu: 2 would "
+        "fit, and two copies sharing a GPU ran 1.22x one on an H100 (2B model, "
+        "docs/benchmarks.md, inference run 15)"
+    )
 
 
 def pool_steady_rate(summary: dict[str, dict[str, Any]]) -> float | None:

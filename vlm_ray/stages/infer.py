@@ -31,7 +31,7 @@ from vlm_ray.config import JobSpec
 from vlm_ray.data.shards import list_shards
 from vlm_ray.infer.loading import ModelRef, resolve_model_ref
 from vlm_ray.infer.pool import ShardTask, run_pool
-from vlm_ray.infer.throughput import actor_summary, shared_window_rate
+from vlm_ray.infer.throughput import actor_summary, more_copies_hint, shared_window_rate
 from vlm_ray.ledger import ShardLedger
 from vlm_ray.operator_errors import MissingInputError, RunConflictError, elsewhere
 from vlm_ray.ray_cluster import cluster_gpus, init_ray
@@ -288,8 +288,13 @@ def predict_with(
             f"{rate} images/s after its first shard"
             if rate is not None
             else "no rate after its first shard (it ran one)",
-            f", GPU memory peak {a['gpu_peak_gib']} GiB" if a["gpu_peak_gib"] is not None else "",
+            f", GPU memory peak {a['gpu_peak_gib']} of {a['gpu_total_gib']} GiB"
+            if a["gpu_peak_gib"] is not None
+            else "",
         )
+    hint = more_copies_hint(manifest["actors"], spec.infer.actors_per_gpu)
+    if hint:
+        log.info("infer[%s]: %s", ref.tag, hint)
     if len(manifest["actors"]) > 1 and manifest["images_per_s_all_warm"] is not None:
         log.info(
             "infer[%s]: %s images/s once all %d actors were warm",
