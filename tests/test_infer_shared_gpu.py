@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 from test_infer_loading import infer_spec
+from test_infer_stage import _predictions
 
-from vlm_ray import layout
 from vlm_ray.config import spec_to_dict
 from vlm_ray.storage import LocalStore
 
@@ -58,10 +58,5 @@ def test_two_copies_share_one_gpu_and_predict_every_row_once_between_them(
     actors = result["actors"]
     assert len(actors) == 2 and all(a["shards"] >= 1 for a in actors.values()), actors
     assert all(a["gpu_peak_gib"] is None for a in actors.values()), "no CUDA device here"
-    predicted = [
-        json.loads(line)["id"]
-        for key in store.list(layout.predictions_dir("base"))
-        if key.endswith(".jsonl")
-        for line in store.read_text(key).splitlines()
-    ]
+    predicted = [r["id"] for r in _predictions(store, "base")]
     assert sorted(predicted) == sorted(r["id"] for r in recs[2:])

@@ -3,8 +3,8 @@
 A stage that cannot reach its object store, has no credentials for it, finds a run folder
 holding work made with other settings, misses what an earlier stage writes, asks the cluster
 for what it cannot give, or runs a GPU out of memory stops with a message naming the fix; the
-command line prints that message (the traceback only with -v). Anything else is a bug or an unforeseen
-failure and keeps its traceback.
+command line prints that message (the traceback only with -v). Anything else is a bug or an
+unforeseen failure and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def _is_gpu_out_of_memory(e: BaseException) -> bool:
 
 
 def operator_message(err: BaseException) -> str | None:
-    """The sentence for a failure the operator can fix (credentials, endpoint, bucket, a run
-    folder's conflicting contents); None for anything else."""
+    """The sentence for a failure the operator can fix (an OperatorError's own message; a GPU out
+    of memory; S3 credentials, endpoint, bucket or permissions); None for anything else."""
     from botocore.exceptions import (
         ClientError,
         EndpointConnectionError,

@@ -183,6 +183,7 @@ def default_pool_size(spec: JobSpec, gpus: int) -> int:
         return spec.ray.pool_size
     share = actor_gpus(spec, gpus)
     if share:
+        # + 1e-6: a float quotient just under a whole number (3 / 0.3 = 9.999...) is that number
         return max(1, int(gpus / share + 1e-6))
     return 1
 
@@ -206,9 +207,10 @@ def run_pool(
     size = min(default_pool_size(spec, gpus), len(tasks))
     _check_fits(spec, gpus)
     restarts = spec.ray.max_retries
+    share = actor_gpus(spec, gpus)
     actor_cls = InferActor.options(
         num_cpus=spec.ray.num_cpus_per_worker,
-        num_gpus=actor_gpus(spec, gpus),
+        num_gpus=share,
         max_restarts=restarts,
         # a shard call in flight (or queued) when the actor died runs again on the restarted actor
         max_task_retries=restarts,
@@ -225,7 +227,7 @@ def run_pool(
         ref["tag"],
         len(tasks),
         size,
-        actor_gpus(spec, gpus),
+        share,
         restarts,
     )
     progress = _Progress(ref["tag"], len(tasks), compiling=compile_note(spec))

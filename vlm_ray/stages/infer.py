@@ -326,7 +326,8 @@ def run_infer(
     tags = list(models or spec.infer.models)
     # Resolve every tag before any work: a missing model fails in seconds, not after the base ran.
     refs = [resolve_model_ref(spec, tag, model_runs) for tag in tags]
-    if bulk_job(spec) is not None and len(tags) > 1:
+    job = bulk_job(spec)
+    if job is not None and len(tags) > 1:
         log.info(
             "infer: this bulk job captions every image with each of %s; "
             "infer.models=[finetuned] runs the fine-tuned model alone",
@@ -343,7 +344,7 @@ def run_infer(
     results = {
         ref.tag: predict_with(spec, store, ref, prefix, keys, quarantine_keys) for ref in refs
     }
-    predictions = store.uri_of(layout.predictions_root(bulk_job(spec)))
+    predictions = store.uri_of(layout.predictions_root(job))
     log.info(
         "infer: done in %.1f s: %s -> %s",
         time.time() - start,
