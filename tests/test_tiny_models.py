@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -72,7 +71,7 @@ def test_chat_template_renders_both_turns_between_the_response_markers(loaded):
     assert prompt.endswith(family.response_part)
 
 
-def test_processor_and_forward_pass_give_a_finite_loss_in_well_under_a_second(loaded):
+def test_processor_and_forward_pass_give_a_finite_loss(loaded):
     model, processor, _ = loaded
     text = processor.apply_chat_template(CHAT, tokenize=False)
     batch = processor(
@@ -83,12 +82,16 @@ def test_processor_and_forward_pass_give_a_finite_loss_in_well_under_a_second(lo
     )
     labels = batch["input_ids"].clone()
     labels[torch.isin(labels, masked_token_ids(processor))] = -100
-    start = time.perf_counter()
     with torch.no_grad():
         out = model(**batch, labels=labels)
-    elapsed = time.perf_counter() - start
     assert math.isfinite(out.loss.item()) and out.loss.item() > 0
-    assert elapsed < 1.0, f"forward took {elapsed:.2f}s on CPU"
+
+
+def test_a_tiny_model_has_under_half_a_million_parameters_so_cpu_tests_stay_fast(loaded):
+    """Size, not a stopwatch: wall time on a shared 2-core runner is noise, the parameter count is not."""
+    model, _, family = loaded
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params < 500_000, f"{family.name}'s tiny model has {n_params:,} parameters"
 
 
 def test_generation_stops_on_the_family_stop_tokens(loaded):
@@ -106,10 +109,11 @@ def test_generation_stops_on_the_family_stop_tokens(loaded):
     assert 1 <= out.shape[1] - batch["input_ids"].shape[1] <= 3
 
 
-def test_tiny_build_takes_seconds(tmp_path: Path):
-    start = time.perf_counter()
-    build_tiny_model(tmp_path / "m", family="mllama", size="tiny")
-    assert time.perf_counter() - start < 15
+def test_a_tiny_build_writes_a_few_megabytes_of_safetensors(tmp_path: Path):
+    folder = build_tiny_model(tmp_path / "m", family="mllama", size="tiny")
+    weights = list(folder.glob("*.safetensors"))
+    assert weights, "the build writes its weights as safetensors"
+    assert sum(f.stat().st_size for f in weights) < 4 * 2**20
 
 
 def test_the_11b_mllama_shape_is_llama_3_2_11b_vision_to_the_parameter():
