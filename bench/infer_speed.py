@@ -551,6 +551,8 @@ def mode_c(
         "images_per_s": pool_steady_rate(per_actor),
         "images_per_s_by_actor": {k: a["steady_images_per_s"] for k, a in per_actor.items()},
         "gpu_peak_gib_by_actor": {k: a["gpu_peak_gib"] for k, a in per_actor.items()},
+        # "mps" or "time-sliced" with actors_per_gpu above 1 (vlm_ray.infer.gpu_sharing)
+        "gpu_sharing_by_actor": {k: a["gpu_sharing"] for k, a in per_actor.items()},
         # once every actor is warm: the figure to use when actors share a GPU
         "images_per_s_all_warm": shared_window_rate(records),
         "shard_commits": [

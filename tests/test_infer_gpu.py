@@ -127,3 +127,22 @@ def test_fp8_layers_run_in_float8_and_stay_close_to_bf16(
     inputs = prepare_inputs(processor, images, messages, "cuda")
     outs = generate_batch(model, processor, inputs, {"max_new_tokens": 4, "min_new_tokens": 4})
     assert [o.tokens for o in outs] == [4, 4, 4]
+
+
+@pytest.mark.gpu
+def test_two_copies_on_one_gpu_each_record_how_they_shared_it(
+    ray_cluster, write_prepared, tiny_qwen2_vl, tmp_path
+):
+    from vlm_ray.infer.gpu_sharing import mps_daemon_listening
+    from vlm_ray.stages.infer import run_infer
+
+    store = LocalStore(tmp_path / "run")
+    write_prepared(store, rows=2, heldout=12, rows_per_shard=3)
+    spec = infer_spec(store.uri, tiny_qwen2_vl, infer={"actors_per_gpu": 2, "engine": "hf"})
+    actors = run_infer(spec, models=["base"])["models"]["base"]["actors"]
+
+    # the driver runs on the actors' node here, so it sees the same pipe directory they did
+    expected = "mps" if mps_daemon_listening() else "time-sliced"
+    assert len(actors) == 2, actors
+    assert all(a["gpu_sharing"] == expected for a in actors.values()), actors
+    assert all(a["gpu_peak_gib"] and a["gpu_total_gib"] for a in actors.values()), actors

@@ -58,5 +58,7 @@ def test_two_copies_share_one_gpu_and_predict_every_row_once_between_them(
     actors = result["actors"]
     assert len(actors) == 2 and all(a["shards"] >= 1 for a in actors.values()), actors
     assert all(a["gpu_peak_gib"] is None for a in actors.values()), "no CUDA device here"
+    # nor a claim of how a GPU was shared (MPS or time-slicing) without one
+    assert all(a["gpu_sharing"] is None for a in actors.values())
     predicted = [r["id"] for r in _predictions(store, "base")]
     assert sorted(predicted) == sorted(r["id"] for r in recs[2:])

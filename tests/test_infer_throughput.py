@@ -10,7 +10,7 @@ from vlm_ray.infer.throughput import (
     shared_window_rate,
 )
 
-NO_GPU = {"gpu_peak_gib": None, "gpu_total_gib": None}
+NO_GPU = {"gpu_peak_gib": None, "gpu_total_gib": None, "gpu_sharing": None}
 
 
 def _commit(node: str, pid: int, rows: int, at: float) -> dict:

@@ -590,7 +590,8 @@ class InferSpec(_Section):
             "kernels). Each copy holds its own weights and cache, so it needs the memory of "
             "one actor times this. On an H100 (2B, batch 512, inference run 15) 2 took the "
             "pool from 153.3 to 187.5 images/s; 3 at batch 384 reached 205.4 (with "
-            "compile_language)."
+            "compile_language). The copies are time-sliced unless an NVIDIA MPS daemon runs "
+            "on the node; each actor records which as gpu_sharing (docs/deploy.md)."
         ),
     )
     image_column: str | None = Field(

@@ -27,6 +27,7 @@ import ray
 
 from vlm_ray.config import JobSpec, parse_spec, spec_to_dict
 from vlm_ray.durations import rough_duration
+from vlm_ray.infer.gpu_sharing import gpu_sharing_mode
 from vlm_ray.ledger import ShardLedger
 from vlm_ray.operator_errors import ClusterMismatchError
 from vlm_ray.ray_cluster import actor_was_restarted
@@ -98,6 +99,10 @@ class InferActor:
             self.spec, ModelRef(**ref), calibration
         )
         self.restarted = actor_was_restarted()
+        # After the model load: the CUDA context, and with it any MPS connection, exists now.
+        self.gpu_sharing = gpu_sharing_mode(
+            self.spec.infer.actors_per_gpu, torch.cuda.is_available()
+        )
         log.info(
             "infer actor pid %d: loaded %s in %.1f s%s",
             os.getpid(),
@@ -148,6 +153,7 @@ class InferActor:
             "actor_restarted": self.restarted,
             # what sizing infer.actors_per_gpu and generation.batch_size needs to know
             **gpu_memory_gib(),
+            "gpu_sharing": self.gpu_sharing,
         }
         if not self.ledger.commit(task.shard_id, record):  # another attempt committed first
             return self.ledger.store.read_json(f"{self.ledger.prefix}/_done/{task.shard_id}.json")

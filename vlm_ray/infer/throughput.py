@@ -26,8 +26,8 @@ def _by_actor(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def actor_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Shards, rows, steady images/s (None with a single shard) and the GPU memory peak (None
-    off GPUs) of each actor in `records`."""
+    """Shards, rows, steady images/s (None with a single shard), the GPU memory peak (None
+    off GPUs) and how the GPU was shared (None unshared) of each actor in `records`."""
     summary = {}
     for actor, done in _by_actor(records).items():
         span = done[-1]["committed_at"] - done[0]["committed_at"]
@@ -40,6 +40,8 @@ def actor_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "steady_images_per_s": round(steady, 2) if steady is not None else None,
             "gpu_peak_gib": max(peaks) if peaks else None,
             "gpu_total_gib": max(totals) if totals else None,
+            # "mps" or "time-sliced" where copies share a GPU (vlm_ray.infer.gpu_sharing)
+            "gpu_sharing": done[-1].get("gpu_sharing"),
         }
     return summary
 

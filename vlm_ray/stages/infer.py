@@ -29,6 +29,7 @@ from typing import Any
 from vlm_ray import layout
 from vlm_ray.config import JobSpec
 from vlm_ray.data.shards import list_shards
+from vlm_ray.infer.gpu_sharing import time_slicing_hint
 from vlm_ray.infer.loading import ModelRef, resolve_model_ref
 from vlm_ray.infer.pool import ShardTask, run_pool
 from vlm_ray.infer.throughput import actor_summary, more_copies_hint, shared_window_rate
@@ -292,9 +293,12 @@ def predict_with(
             if a["gpu_peak_gib"] is not None
             else "",
         )
-    hint = more_copies_hint(manifest["actors"], spec.infer.actors_per_gpu)
-    if hint:
-        log.info("infer[%s]: %s", ref.tag, hint)
+    for hint in (
+        more_copies_hint(manifest["actors"], spec.infer.actors_per_gpu),
+        time_slicing_hint(manifest["actors"]),
+    ):
+        if hint:
+            log.info("infer[%s]: %s", ref.tag, hint)
     if len(manifest["actors"]) > 1 and manifest["images_per_s_all_warm"] is not None:
         log.info(
             "infer[%s]: %s images/s once all %d actors were warm",
