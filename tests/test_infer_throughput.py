@@ -87,3 +87,10 @@ def test_a_lone_copy_that_left_room_for_another_on_its_gpu_says_so():
     assert more_copies_hint(roomy, actors_per_gpu=2) is None
     assert more_copies_hint(actor_summary([_on_gpu(1, 10.0, None, None)]), 1) is None
     assert more_copies_hint({}, 1) is None
+
+
+def test_on_gpus_of_different_sizes_the_hint_gives_their_range_not_one_size():
+    mixed = actor_summary([_on_gpu(1, 10.0, 24.9, 79.19), _on_gpu(2, 11.0, 30.2, 139.8)])
+    hint = more_copies_hint(mixed, actors_per_gpu=1)
+    assert hint is not None
+    assert hint.startswith("the actors peaked at up to 30.2 GiB on GPUs of 79.19 to 139.8 GiB")

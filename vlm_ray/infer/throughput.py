@@ -64,11 +64,15 @@ def more_copies_hint(summary: dict[str, dict[str, Any]], actors_per_gpu: int) ->
     if min(fits) < 2:
         return None
     peak = max(a["gpu_peak_gib"] for a in summary.values())
-    total = min(a["gpu_total_gib"] for a in summary.values())
+    totals = sorted({a["gpu_total_gib"] for a in summary.values()})
+    where = (
+        f"each actor peaked at {peak} of its GPU's {totals[0]} GiB"
+        if len(totals) == 1  # one kind of GPU
+        else f"the actors peaked at up to {peak} GiB on GPUs of {totals[0]} to {totals[-1]} GiB"
+    )
     return (
-        f"each actor peaked at {peak} of its GPU's {total} GiB: infer.actors_per_gpu: 2 would "
-        "fit, and two copies sharing a GPU ran 1.22x one on an H100 (2B model, "
-        "docs/benchmarks.md, inference run 15)"
+        f"{where}: infer.actors_per_gpu: 2 would fit, and two copies sharing a GPU ran 1.22x "
+        "one on an H100 (2B model, docs/benchmarks.md, inference run 15)"
     )
 
 
