@@ -31,21 +31,25 @@ def test_cuda_looks_for_the_daemon_in_the_pipe_directory_variable_else_tmp_nvidi
 
 
 def test_copies_sharing_a_gpu_use_mps_when_its_control_pipe_is_there(tmp_path: Path):
-    assert gpu_sharing_mode(2, on_gpu=True, environ=_pipe_directory(tmp_path, fifo=True)) == "mps"
+    mps = _pipe_directory(tmp_path, fifo=True)
+    assert gpu_sharing_mode(0.5, on_gpu=True, environ=mps) == "mps"
 
 
 def test_without_a_control_pipe_the_copies_are_time_sliced(tmp_path: Path):
     absent = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "none")}
-    assert gpu_sharing_mode(3, on_gpu=True, environ=absent) == "time-sliced"
+    assert gpu_sharing_mode(0.3333, on_gpu=True, environ=absent) == "time-sliced"
     # a plain file of that name is no daemon
     plain = _pipe_directory(tmp_path, fifo=False)
-    assert gpu_sharing_mode(2, on_gpu=True, environ=plain) == "time-sliced"
+    assert gpu_sharing_mode(0.5, on_gpu=True, environ=plain) == "time-sliced"
 
 
-def test_a_copy_alone_on_its_gpu_or_on_cpu_claims_no_sharing(tmp_path: Path):
+def test_a_copy_with_a_gpu_or_more_to_itself_or_on_cpu_claims_no_sharing(tmp_path: Path):
     mps = _pipe_directory(tmp_path, fifo=True)
-    assert gpu_sharing_mode(1, on_gpu=True, environ=mps) is None
-    assert gpu_sharing_mode(2, on_gpu=False, environ=mps) is None
+    assert gpu_sharing_mode(1.0, on_gpu=True, environ=mps) is None
+    # ray.num_gpus_per_worker: 2 with infer.actors_per_gpu: 2 gives each copy a whole GPU
+    assert gpu_sharing_mode(2.0, on_gpu=True, environ=mps) is None
+    assert gpu_sharing_mode(0.5, on_gpu=False, environ=mps) is None
+    assert gpu_sharing_mode(0.0, on_gpu=True, environ=mps) is None
 
 
 def test_the_log_names_how_many_actors_were_time_sliced_and_where_mps_is_explained():

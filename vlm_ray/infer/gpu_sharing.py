@@ -1,4 +1,5 @@
-"""How the inference actors that share one GPU (infer.actors_per_gpu above 1) share it.
+"""How inference actors that share one GPU (infer.actors_per_gpu above 1, or a fractional
+ray.num_gpus_per_worker) share it.
 
 Without help, the driver time-slices a GPU between processes: one process's kernels run, then
 another's, never at once. Two model copies then gain only where one of them leaves the GPU idle
@@ -38,11 +39,12 @@ def mps_daemon_listening(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def gpu_sharing_mode(
-    actors_per_gpu: int, on_gpu: bool, environ: Mapping[str, str] = os.environ
+    gpu_share: float, on_gpu: bool, environ: Mapping[str, str] = os.environ
 ) -> str | None:
-    """ "mps" or "time-sliced" for a copy that shares its GPU with others; None for a copy that
-    has its GPU to itself, or runs on CPU."""
-    if actors_per_gpu < 2 or not on_gpu:
+    """ "mps" or "time-sliced" for a copy given a fraction of a GPU (gpu_share below 1, from
+    infer.actors_per_gpu or a fractional ray.num_gpus_per_worker); None for a copy with a GPU
+    or more to itself, or on CPU."""
+    if not on_gpu or not 0 < gpu_share < 1:
         return None
     return MPS if mps_daemon_listening(environ) else TIME_SLICED
 

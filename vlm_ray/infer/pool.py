@@ -101,7 +101,8 @@ class InferActor:
         self.restarted = actor_was_restarted()
         # After the model load: the CUDA context, and with it any MPS connection, exists now.
         self.gpu_sharing = gpu_sharing_mode(
-            self.spec.infer.actors_per_gpu, torch.cuda.is_available()
+            ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0),
+            torch.cuda.is_available(),
         )
         log.info(
             "infer actor pid %d: loaded %s in %.1f s%s",
