@@ -510,7 +510,8 @@ def mode_c(
     from vlm_ray.storage import LocalStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run = Path(f"/tmp/infer_bench_run_{model_dir.name}_{n}")
+    # inputs are reused across calls with the same images, size and shards (not rewritten)
+    run = Path(f"/tmp/infer_bench_run_{model_dir.name}_{n}_{size}px_{rows_per_shard}")
     if not run.exists():
         write_inputs(run, n, size, rows_per_shard)
     shutil.rmtree(run / "predictions", ignore_errors=True)
