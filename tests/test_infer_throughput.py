@@ -87,6 +87,9 @@ def test_a_lone_copy_that_left_room_for_another_on_its_gpu_says_so():
     assert more_copies_hint(roomy, actors_per_gpu=2) is None
     assert more_copies_hint(actor_summary([_on_gpu(1, 10.0, None, None)]), 1) is None
     assert more_copies_hint({}, 1) is None
+    # copies given half a GPU each by ray.num_gpus_per_worker: 0.5 already share one
+    halves = actor_summary([{**_on_gpu(1, 10.0, 24.9), "gpu_sharing": "time-sliced"}])
+    assert more_copies_hint(halves, actors_per_gpu=1) is None
 
 
 def test_on_gpus_of_different_sizes_the_hint_gives_their_range_not_one_size():

@@ -56,7 +56,7 @@ def time_slicing_hint(summary: Mapping[str, Mapping[str, object]]) -> str | None
         return None
     return (
         f"{len(sliced)} of {len(summary)} actors shared their GPU by time-slicing (no MPS "
-        "control daemon in their CUDA_MPS_PIPE_DIRECTORY, else /tmp/nvidia-mps): one copy's "
+        f"control daemon in their CUDA_MPS_PIPE_DIRECTORY, else {DEFAULT_PIPE_DIRECTORY}): one copy's "
         "kernels run at a time. With NVIDIA MPS the copies' kernels can overlap; "
         "docs/deploy.md says how to start it on GPU workers"
     )

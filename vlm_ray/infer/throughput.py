@@ -53,8 +53,12 @@ USABLE_SHARE = 0.9
 
 def more_copies_hint(summary: dict[str, dict[str, Any]], actors_per_gpu: int) -> str | None:
     """A sentence for the log when one model copy per GPU left room for another (by every
-    actor's memory peak), None otherwise: inference run 15 measured two copies 1.22x one."""
+    actor's memory peak), None otherwise: inference run 15 measured two copies 1.22x one.
+    Copies that already share a GPU (by infer.actors_per_gpu, or a fractional
+    ray.num_gpus_per_worker, which each actor records as gpu_sharing) get no hint."""
     if actors_per_gpu != 1 or not summary:
+        return None
+    if any(a.get("gpu_sharing") for a in summary.values()):
         return None
     fits = []
     for a in summary.values():
