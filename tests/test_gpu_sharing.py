@@ -1,10 +1,17 @@
-"""Copies that share a GPU say how they share it: through an MPS control daemon's pipe, their
-kernels can overlap; without one, the driver time-slices the GPU and the log says so."""
+"""Copies that share a GPU say how they share it: through an MPS control daemon listening on its
+pipe, their kernels can overlap; without one (or with only the pipe a stopped daemon left
+behind), the driver time-slices the GPU and the log says so."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from vlm_ray.infer.gpu_sharing import (
     DEFAULT_PIPE_DIRECTORY,
@@ -14,15 +21,25 @@ from vlm_ray.infer.gpu_sharing import (
 )
 
 
-def _pipe_directory(tmp_path: Path, fifo: bool) -> dict[str, str]:
-    """A pipe directory whose `control` entry is a FIFO, as the MPS daemon makes it, or a file."""
-    folder = tmp_path / "mps"
-    folder.mkdir()
-    if fifo:
-        os.mkfifo(folder / "control")
-    else:
-        (folder / "control").write_text("")
+@pytest.fixture
+def pipe_directory() -> Iterator[Path]:
+    """An empty pipe directory with a short path: a Unix socket's path must fit in 108 bytes."""
+    folder = Path(tempfile.mkdtemp(prefix="mps", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _environ(folder: Path) -> dict[str, str]:
     return {"CUDA_MPS_PIPE_DIRECTORY": str(folder)}
+
+
+@pytest.fixture
+def listening_daemon(pipe_directory: Path) -> Iterator[dict[str, str]]:
+    """A process listening on `control` as a Unix socket, as current MPS control daemons do."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(pipe_directory / "control"))
+        server.listen()
+        yield _environ(pipe_directory)
 
 
 def test_cuda_looks_for_the_daemon_in_the_pipe_directory_variable_else_tmp_nvidia_mps():
@@ -30,21 +47,46 @@ def test_cuda_looks_for_the_daemon_in_the_pipe_directory_variable_else_tmp_nvidi
     assert mps_pipe_directory({"CUDA_MPS_PIPE_DIRECTORY": "/run/mps"}) == Path("/run/mps")
 
 
-def test_copies_sharing_a_gpu_use_mps_when_its_control_pipe_is_there(tmp_path: Path):
-    mps = _pipe_directory(tmp_path, fifo=True)
-    assert gpu_sharing_mode(0.5, on_gpu=True, environ=mps) == "mps"
+def test_copies_sharing_a_gpu_use_mps_when_a_daemon_listens_on_its_control_socket(
+    listening_daemon: dict[str, str],
+):
+    assert gpu_sharing_mode(0.5, on_gpu=True, environ=listening_daemon) == "mps"
 
 
-def test_without_a_control_pipe_the_copies_are_time_sliced(tmp_path: Path):
-    absent = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "none")}
+def test_a_control_socket_left_behind_by_a_stopped_daemon_means_time_sliced(pipe_directory: Path):
+    # `echo quit | nvidia-cuda-mps-control` stops the daemon but leaves its socket file
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(pipe_directory / "control"))
+    assert (pipe_directory / "control").is_socket()
+    assert gpu_sharing_mode(0.5, on_gpu=True, environ=_environ(pipe_directory)) == "time-sliced"
+
+
+def test_an_older_daemon_s_control_fifo_counts_only_while_it_is_open_for_reading(
+    pipe_directory: Path,
+):
+    control = pipe_directory / "control"
+    os.mkfifo(control)
+    environ = _environ(pipe_directory)
+    assert gpu_sharing_mode(0.5, on_gpu=True, environ=environ) == "time-sliced"
+    reader = os.open(control, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert gpu_sharing_mode(0.5, on_gpu=True, environ=environ) == "mps"
+    finally:
+        os.close(reader)
+
+
+def test_without_a_control_pipe_the_copies_are_time_sliced(pipe_directory: Path):
+    absent = _environ(pipe_directory / "none")
     assert gpu_sharing_mode(0.3333, on_gpu=True, environ=absent) == "time-sliced"
     # a plain file of that name is no daemon
-    plain = _pipe_directory(tmp_path, fifo=False)
-    assert gpu_sharing_mode(0.5, on_gpu=True, environ=plain) == "time-sliced"
+    (pipe_directory / "control").write_text("")
+    assert gpu_sharing_mode(0.5, on_gpu=True, environ=_environ(pipe_directory)) == "time-sliced"
 
 
-def test_a_copy_with_a_gpu_or_more_to_itself_or_on_cpu_claims_no_sharing(tmp_path: Path):
-    mps = _pipe_directory(tmp_path, fifo=True)
+def test_a_copy_with_a_gpu_or_more_to_itself_or_on_cpu_claims_no_sharing(
+    listening_daemon: dict[str, str],
+):
+    mps = listening_daemon
     assert gpu_sharing_mode(1.0, on_gpu=True, environ=mps) is None
     # ray.num_gpus_per_worker: 2 with infer.actors_per_gpu: 2 gives each copy a whole GPU
     assert gpu_sharing_mode(2.0, on_gpu=True, environ=mps) is None

@@ -9,12 +9,14 @@ the copies' work through one server, so kernels of different copies can run at t
 
 A CUDA process becomes an MPS client when it starts its CUDA context while an MPS control
 daemon listens on the pipe directory it looks in (CUDA_MPS_PIPE_DIRECTORY, else
-/tmp/nvidia-mps). That is what is checked here: the daemon's `control` pipe in that directory.
+/tmp/nvidia-mps). That is what is checked here: a daemon listening on the `control` pipe in that
+directory (a Unix socket on current drivers, a FIFO on older ones).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,11 +33,42 @@ def mps_pipe_directory(environ: Mapping[str, str] = os.environ) -> Path:
 
 
 def mps_daemon_listening(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether an MPS control daemon's `control` pipe (a FIFO) is in mps_pipe_directory."""
+    """Whether an MPS control daemon listens on the `control` pipe in mps_pipe_directory.
+
+    The pipe outlives the daemon (`quit` leaves it behind; seen on the H100 machine), so its
+    presence is not enough: something must be listening on it."""
+    control = mps_pipe_directory(environ) / "control"
     try:
-        return stat.S_ISFIFO((mps_pipe_directory(environ) / "control").stat().st_mode)
+        mode = control.stat().st_mode
     except OSError:
         return False
+    if stat.S_ISSOCK(mode):  # what current drivers make
+        return _socket_accepts(control)
+    if stat.S_ISFIFO(mode):  # what older drivers made
+        return _fifo_has_reader(control)
+    return False
+
+
+def _socket_accepts(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at path (a stale one refuses)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _fifo_has_reader(path: Path) -> bool:
+    """Whether a process has the FIFO at path open for reading: opening it for writing without
+    blocking fails with ENXIO when none has. Nothing is written."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def gpu_sharing_mode(
