@@ -63,7 +63,7 @@ def infer_bars(paths: list[Path]) -> tuple[list[str], list[float], str]:
             r = json.loads(line)
             gpu = gpu or r.get("gpu", "")
             switches = (
-                ("fp8", r.get("fp8") not in (None, "off")),
+                (f"fp8 {r.get('fp8')}", r.get("fp8") not in (None, "off")),
                 ("compiled LM", r.get("compile_language")),
                 ("deferred stop", r.get("defer_stop_check")),
             )
@@ -82,6 +82,10 @@ def infer_bars(paths: list[Path]) -> tuple[list[str], list[float], str]:
                 shared = r.get("gpus_per_actor", 1.0) < 1 or r.get("actors_per_gpu", 1) > 1
                 if shared:  # actors share GPUs: the rate once all were warm
                     gpus += f", {r['actors']} actors"
+                    # how they shared it (recorded since inference run 16), when all agree
+                    sharing = set((r.get("gpu_sharing_by_actor") or {}).values())
+                    if len(sharing) == 1 and None not in sharing:
+                        gpus += f" ({sharing.pop()})"
                 labels.append(f"({r['mode']}) pool, {gpus}\nbatch {r['batch']} {' '.join(extras)}")
                 speed.append(r["images_per_s_all_warm"] if shared else r["images_per_s"])
     return labels, speed, gpu

@@ -53,14 +53,28 @@ def test_inference_bars_read_each_modes_own_rate(tmp_path):
             "compile_language": True,
             "defer_stop_check": True,
         },
+        # two copies through an MPS daemon, the language model in float8 too
+        {
+            "mode": "c",
+            "gpus": 1,
+            "actors_per_gpu": 2,
+            "actors": 2,
+            "batch": 512,
+            "images_per_s": 254.6,
+            "images_per_s_all_warm": 256.6,
+            "fp8": "all",
+            "gpu_sharing_by_actor": {"vm:1": "mps", "vm:2": "mps"},
+        },
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     labels, speed, _ = infer_bars([path])
-    assert speed == [70.0, 140.0, 160.0, 180.0, 205.0]
-    assert "one process" in labels[1] and "fp8" in labels[1]
+    assert speed == [70.0, 140.0, 160.0, 180.0, 205.0, 256.6]
+    assert "one process" in labels[1] and "fp8 vision" in labels[1]
     assert "2 actors" in labels[3]
     assert "3 actors" in labels[4] and "compiled LM" in labels[4] and "deferred stop" in labels[4]
     assert "compiled LM" not in labels[3]
+    assert "2 actors (mps)" in labels[5] and "fp8 all" in labels[5]
+    assert "(mps)" not in labels[3]  # no record of how those shared
 
 
 def test_the_chart_is_written(tmp_path, monkeypatch):
