@@ -76,7 +76,8 @@ def more_copies_hint(summary: dict[str, dict[str, Any]], actors_per_gpu: int) ->
     )
     return (
         f"{where}: infer.actors_per_gpu: 2 would fit, and two copies sharing a GPU ran 1.22x "
-        "one on an H100 (2B model, docs/benchmarks.md, inference run 15)"
+        "one on an H100 (2B model, docs/benchmarks.md, inference run 15), 1.06x more through "
+        "an NVIDIA MPS daemon (run 16, docs/deploy.md)"
     )
 
 
