@@ -696,6 +696,12 @@ class JobSpec(_Section):
     promote: PromoteSpec = Field(default_factory=PromoteSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
+    @property
+    def infer_actor_gpu_share(self) -> float:
+        """The GPUs one inference actor asks for on a GPU cluster: ray.num_gpus_per_worker split
+        between infer.actors_per_gpu model copies."""
+        return self.ray.num_gpus_per_worker / self.infer.actors_per_gpu
+
     @model_validator(mode="after")
     def _cuda_graphs_need_uncheckpointed_language_layers(self) -> JobSpec:
         # A checkpoint reruns a layer's forward inside the backward, over a graph's saved
@@ -735,7 +741,7 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _an_infer_actor_s_gpu_share_is_a_fraction_or_whole(self) -> JobSpec:
         # Ray accepts a fraction of one GPU or a whole number of GPUs, nothing in between.
-        share = self.ray.num_gpus_per_worker / self.infer.actors_per_gpu
+        share = self.infer_actor_gpu_share
         if share > 1 and share != int(share):
             raise ValueError(
                 f"infer.actors_per_gpu: {self.infer.actors_per_gpu} copies over "

@@ -176,12 +176,12 @@ def gpu_memory_gib() -> dict[str, float | None]:
 
 
 def actor_gpus(spec: JobSpec, gpus: int) -> float:
-    """The GPU share of one inference actor: none without GPUs, else ray.num_gpus_per_worker
-    split between infer.actors_per_gpu model copies."""
+    """The GPU share of one inference actor: none without GPUs, else the spec's
+    infer_actor_gpu_share as Ray can hold it."""
     if not gpus:
         return 0.0
     # Ray keeps resource amounts to 4 decimals; rounding down keeps n shares within the whole
-    return math.floor(spec.ray.num_gpus_per_worker / spec.infer.actors_per_gpu * 1e4) / 1e4
+    return math.floor(spec.infer_actor_gpu_share * 1e4) / 1e4
 
 
 def default_pool_size(spec: JobSpec, gpus: int) -> int:
