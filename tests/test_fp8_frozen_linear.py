@@ -254,3 +254,35 @@ def test_the_merged_model_saved_after_fp8_training_is_merged_into_the_original_w
     expected = reference.merge_and_unload().to(torch.bfloat16).state_dict()
     assert merged.keys() == expected.keys()
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_layers_narrower_than_the_minimum_width_stay_bf16_and_the_warning_names_the_setting(
+    caplog,
+):
+    from peft import LoraConfig, get_peft_model
+
+    model = torch.nn.Sequential()
+    model.add_module("wide", torch.nn.Linear(64, 64))
+    model.add_module("narrow_out", torch.nn.Linear(64, 32))
+    model.add_module("narrow_in", torch.nn.Linear(32, 64))
+    targets = ["wide", "narrow_out", "narrow_in"]
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+
+    with caplog.at_level(logging.WARNING, logger="vlm_ray.models.fp8_frozen_linear"):
+        assert convert_lora_base_layers_to_fp8(model, min_features=64) == 1
+
+    assert "64x32 is narrower than train.fp8_min_features=64" in caplog.text
+    assert "32x64 is narrower than train.fp8_min_features=64" in caplog.text
+    layers = model.base_model.model
+    assert isinstance(layers.wide.base_layer, Float8FrozenLinear)
+    assert type(layers.narrow_out.base_layer) is torch.nn.Linear
+    assert type(layers.narrow_in.base_layer) is torch.nn.Linear
+
+
+def test_the_spec_keeps_layers_narrower_than_2048_in_bf16_unless_told_otherwise():
+    from vlm_ray.config import TrainSpec
+
+    assert TrainSpec().fp8_min_features == 2048
+    assert TrainSpec(fp8_min_features=16).fp8_min_features == 16
+    with pytest.raises(ValueError, match="fp8_min_features"):
+        TrainSpec(fp8_min_features=8)

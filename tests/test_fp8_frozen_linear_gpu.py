@@ -73,9 +73,14 @@ def test_the_train_stage_trains_close_to_bf16_with_float8_base_layers(
         pytest.importorskip("unsloth")
     train = {"engine": engine, "max_steps": 3, "per_device_train_batch_size": 2}
     plain, plain_losses = logged_training_run(tiny_qwen2_vl, "plain", 8, train)
-    fp8, fp8_losses = logged_training_run(tiny_qwen2_vl, "fp8", 8, {**train, "fp8": True})
+    # The tiny model's layers are narrower than the default train.fp8_min_features.
+    fp8_on = {**train, "fp8": True, "fp8_min_features": 16}
+    fp8, fp8_losses = logged_training_run(tiny_qwen2_vl, "fp8", 8, fp8_on)
     tensorwise, tensorwise_losses = logged_training_run(
-        tiny_qwen2_vl, "fp8_tensor", 8, {**train, "fp8": True, "fp8_scaling": "tensor"}
+        tiny_qwen2_vl, "fp8_tensor", 8, {**fp8_on, "fp8_scaling": "tensor"}
+    )
+    narrow_kept, _ = logged_training_run(
+        tiny_qwen2_vl, "fp8_default_width", 8, {**fp8_on, "fp8_min_features": 2048}
     )
 
     assert plain["fp8_base_layers"] == 0
@@ -84,4 +89,5 @@ def test_the_train_stage_trains_close_to_bf16_with_float8_base_layers(
     assert fp8_losses != plain_losses  # float8 rounding changes the numbers a little
     assert fp8_losses == pytest.approx(plain_losses, rel=2e-2)
     assert tensorwise["fp8_base_layers"] == fp8["fp8_base_layers"]
+    assert narrow_kept["fp8_base_layers"] == 0
     assert tensorwise_losses == pytest.approx(plain_losses, rel=2e-2)

@@ -387,6 +387,19 @@ class TrainSpec(_Section):
             "(docs/benchmarks.md runs 21-22); measure it on your shapes."
         ),
     )
+    fp8_min_features: int = Field(
+        2048,
+        ge=16,
+        description=(
+            "With train.fp8: only base layers whose input and output widths are both at least "
+            "this run in float8; narrower ones stay bf16. Quantizing the input costs about as "
+            "much whatever the output width, so a narrow GEMM loses: at 7B, batch 32 (an H200, "
+            "docs/benchmarks.md run 21) float8 took the language q/o and MLP GEMMs from 1.7-6.0 "
+            "ms to 0.8-3.2 ms, but k/v (3584x512) from 0.25 to 0.95 ms, and the vision tower's "
+            "1280-wide layers were 2% slower in all. 2048 keeps exactly the ones that gained. "
+            "16 converts every aligned layer."
+        ),
+    )
     fp8_scaling: Literal["row", "tensor"] = Field(
         "row",
         description=(

@@ -197,29 +197,38 @@ def _lora_layers(model: Any) -> list[tuple[str, Any]]:
     ]
 
 
-def _why_not(base: Any) -> str | None:
+def _why_not(base: Any, min_features: int) -> str | None:
     if type(base) is not torch.nn.Linear:
         return f"its base layer is a {type(base).__name__}, not a torch Linear"
     if base.weight.requires_grad:
         return "its base weight is trained"
     if base.in_features % GEMM_ALIGN or base.out_features % GEMM_ALIGN:
         return f"{base.in_features}x{base.out_features} is not a multiple of {GEMM_ALIGN}"
+    if min(base.in_features, base.out_features) < min_features:
+        return (
+            f"{base.in_features}x{base.out_features} is narrower than "
+            f"train.fp8_min_features={min_features} (quantizing costs more than float8 saves)"
+        )
     return None
 
 
 def convert_lora_base_layers_to_fp8(
-    model: Any, scaling: Fp8Scaling = "row", keep_bf16_on_host: bool = False
+    model: Any,
+    scaling: Fp8Scaling = "row",
+    keep_bf16_on_host: bool = False,
+    min_features: int = GEMM_ALIGN,
 ) -> int:
     """Replace every eligible LoRA layer's frozen base nn.Linear by a Float8FrozenLinear; how many.
 
     Eligible: a plain torch Linear (not bitsandbytes'), frozen, with both dimensions multiples
-    of 16. The others stay as they are, counted in one log line with the reasons.
+    of 16 and at least min_features. The others stay as they are, counted in one log line per
+    reason.
     """
     _compiled_quantize()
     converted, skipped = 0, {}
     for name, layer in _lora_layers(model):
         base = layer.base_layer
-        why = _why_not(base)
+        why = _why_not(base, min_features)
         if why is not None:
             skipped.setdefault(why, []).append(name)
             continue

@@ -136,7 +136,10 @@ def load_hf_model(spec: JobSpec, model_path: str, family: Family) -> tuple[Any, 
         model = apply_lora(model, spec.lora, family)
         if spec.train.fp8:
             convert_lora_base_layers_to_fp8(
-                model, spec.train.fp8_scaling, keep_bf16_on_host=spec.save.merged_16bit
+                model,
+                spec.train.fp8_scaling,
+                keep_bf16_on_host=spec.save.merged_16bit,
+                min_features=spec.train.fp8_min_features,
             )
     enable_batched_rope_index(model)
     enable_packed_vision_attention(model)  # one attention call per vision layer, not per image

@@ -114,7 +114,10 @@ def load_unsloth_model(spec: JobSpec, model_path: str) -> tuple[Any, Any]:
         # Before the fused MLP would take the MLPs: its kernel multiplies bf16 weights itself,
         # so with train.fp8 the MLPs stay on PEFT's layers, whose base GEMMs become float8.
         convert_lora_base_layers_to_fp8(
-            model, spec.train.fp8_scaling, keep_bf16_on_host=spec.save.merged_16bit
+            model,
+            spec.train.fp8_scaling,
+            keep_bf16_on_host=spec.save.merged_16bit,
+            min_features=spec.train.fp8_min_features,
         )
         if spec.train.fused_lora_mlp:
             log.info("train.fp8: train.fused_lora_mlp left off (its kernel reads bf16 weights)")
