@@ -622,14 +622,11 @@ def mode_stage(a, model_dir: Path) -> dict:
     from vlm_ray.config import apply_overrides, parse_spec
     from vlm_ray.storage import LocalStore
 
-    # Profiled steps (--profile-steps) come after the timed ones and are not in the timing.
+    # Profiled steps (--profile-steps) come after the timed ones and are not in the timing; the
+    # profiler warms up over one step of its own before them (StepProfiler).
+    profiled = a.profile_steps + 1 if a.profile_steps else 0
     steps = (
-        a.warmup
-        + a.steps
-        + a.profile_steps
-        + int(a.sync_sites)
-        + int(a.copy_sites)
-        + int(a.memory_sites)
+        a.warmup + a.steps + profiled + int(a.sync_sites) + int(a.copy_sites) + int(a.memory_sites)
     )
     # One store per GPU: two chains may run this mode at once (bench/device_chains.sh).
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -704,7 +701,7 @@ def mode_stage(a, model_dir: Path) -> dict:
             # survives a `timeout` that cuts the run later, while it profiles or saves.
             callbacks = [clock, checkpointing, make_early_result(timed, timing, checkpointing)]
             # One step of its own after the timed and profiled ones (its warnings slow it).
-            last = timed + a.profile_steps
+            last = timed + profiled
             sync_sites = make_sync_sites(last) if a.sync_sites else None
             if sync_sites:
                 callbacks.append(sync_sites)
@@ -916,7 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="'stage': the stage's own profiler (train.profile_steps) over this many steps "
-        "after the timed ones; tables profile_stage_<shape>_bs<batch>_*.txt beside --out",
+        "after the timed ones and one that warms it up; tables "
+        "profile_stage_<shape>_bs<batch>_*.txt beside --out",
     )
     p.add_argument(
         "--sync-sites",

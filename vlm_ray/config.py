@@ -262,7 +262,9 @@ class TrainSpec(_Section):
         description=(
             "Run torch.profiler over this many optimiser steps (0: off) and write the top ops by "
             "GPU and CPU time and a summary (ms per step, GPU-busy share, kernel launches) to "
-            "<run>/train/profile/. The profiled steps run slower; the rest of the run does not."
+            "<run>/train/profile/. One step before them warms the profiler up and is left out, "
+            "so the run needs this many + 1 steps from train.profile_start_step. The profiled "
+            "steps run slower; the rest of the run does not."
         ),
     )
     profile_start_step: int = Field(
