@@ -271,18 +271,39 @@ def test_layers_narrower_than_the_minimum_width_stay_bf16_and_the_warning_names_
     with caplog.at_level(logging.WARNING, logger="vlm_ray.models.fp8_frozen_linear"):
         assert convert_lora_base_layers_to_fp8(model, min_features=64) == 1
 
-    assert "64x32 is narrower than train.fp8_min_features=64" in caplog.text
-    assert "32x64 is narrower than train.fp8_min_features=64" in caplog.text
+    assert "64x32 (effective width 43) is narrower than train.fp8_min_features=64" in caplog.text
+    assert "32x64 (effective width 43) is narrower than train.fp8_min_features=64" in caplog.text
     layers = model.base_model.model
     assert isinstance(layers.wide.base_layer, Float8FrozenLinear)
     assert type(layers.narrow_out.base_layer) is torch.nn.Linear
     assert type(layers.narrow_in.base_layer) is torch.nn.Linear
 
 
-def test_the_spec_keeps_layers_narrower_than_2048_in_bf16_unless_told_otherwise():
+def test_the_spec_keeps_layers_narrower_than_2560_in_bf16_unless_told_otherwise():
     from vlm_ray.config import TrainSpec
 
-    assert TrainSpec().fp8_min_features == 2048
+    assert TrainSpec().fp8_min_features == 2560
     assert TrainSpec(fp8_min_features=16).fp8_min_features == 16
     with pytest.raises(ValueError, match="fp8_min_features"):
         TrainSpec(fp8_min_features=8)
+
+
+def test_the_default_width_puts_exactly_the_7b_layers_that_gained_in_float8():
+    """Run 21's GEMM table (docs/benchmarks.md): float8 gained on the language q/o and MLP
+    layers and lost on k/v and the vision tower's layers taken together."""
+    from vlm_ray.config import TrainSpec
+    from vlm_ray.models.fp8_frozen_linear import effective_width
+
+    gained = {"q/o": (3584, 3584), "gate/up": (3584, 18944), "down": (18944, 3584)}
+    # k/v lost alone; the vision tower's layers lost taken together (proj more than the rest gained)
+    kept_bf16 = {
+        "k/v": (3584, 512),
+        "vision qkv": (1280, 3840),
+        "vision proj": (1280, 1280),
+        "vision fc1": (1280, 5120),
+        "vision fc2": (5120, 1280),
+    }
+    threshold = TrainSpec().fp8_min_features
+    assert all(effective_width(*shape) >= threshold for shape in gained.values())
+    assert all(effective_width(*shape) < threshold for shape in kept_bf16.values())
+    assert effective_width(1280, 1280) == 1280  # a square layer's width is its width

@@ -204,12 +204,23 @@ def _why_not(base: Any, min_features: int) -> str | None:
         return "its base weight is trained"
     if base.in_features % GEMM_ALIGN or base.out_features % GEMM_ALIGN:
         return f"{base.in_features}x{base.out_features} is not a multiple of {GEMM_ALIGN}"
-    if min(base.in_features, base.out_features) < min_features:
+    width = effective_width(base.in_features, base.out_features)
+    if width < min_features:
         return (
-            f"{base.in_features}x{base.out_features} is narrower than "
-            f"train.fp8_min_features={min_features} (quantizing costs more than float8 saves)"
+            f"{base.in_features}x{base.out_features} (effective width {width:.0f}) is narrower "
+            f"than train.fp8_min_features={min_features} (quantizing costs more than float8 saves)"
         )
     return None
+
+
+def effective_width(in_features: int, out_features: int) -> float:
+    """The harmonic mean of a layer's widths, 2·in·out / (in + out): what decides float8's gain.
+
+    Per token, float8 halves a GEMM's in·out multiply-adds but adds quantizing the input (in
+    values) and, in the backward, the output gradient (out values), so the gain over the cost
+    grows as in·out / (in + out). For a square layer it is the width itself.
+    """
+    return 2 * in_features * out_features / (in_features + out_features)
 
 
 def convert_lora_base_layers_to_fp8(
@@ -221,8 +232,8 @@ def convert_lora_base_layers_to_fp8(
     """Replace every eligible LoRA layer's frozen base nn.Linear by a Float8FrozenLinear; how many.
 
     Eligible: a plain torch Linear (not bitsandbytes'), frozen, with both dimensions multiples
-    of 16 and at least min_features. The others stay as they are, counted in one log line per
-    reason.
+    of 16 and an effective_width of at least min_features. The others stay as they are,
+    counted in one log line per reason.
     """
     _compiled_quantize()
     converted, skipped = 0, {}

@@ -28,6 +28,8 @@ _OPERATIONAL = {
     "train.cuda_graphs",
     # where the frozen input embedding's rows are looked up, not what they are
     "train.host_input_embedding",
+    # over which positions the output head runs: the loss is the same sum over the same tokens
+    "train.label_span_logits",
     "model.name",  # the same model may be reached by another path or URI; the data digest and knobs decide
 }
 
