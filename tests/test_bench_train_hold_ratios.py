@@ -1,0 +1,71 @@
+"""bench/train_hold_ratios.py: a hold's training rows against its fastest HF row, by rate and by
+median step, with MFU from the HF row's FLOPs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.train_hold_ratios import markdown, read_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _invocation(batch: int, results: dict) -> dict:
+    return {"shape": "7b", "gpu": "NVIDIA H200", "batch": batch, "image": 448, "results": results}
+
+
+def _hold(tmp_path: Path, invocations: list[dict]) -> list[Path]:
+    path = tmp_path / "train_7b.json"
+    path.write_text(json.dumps({"invocations": invocations}))
+    return [path]
+
+
+def test_ours_is_judged_against_the_fastest_hf_row_by_rate_and_by_median_step(tmp_path):
+    flops = 989e12 / 20  # 20 samples/s would be 100% MFU
+    paths = _hold(
+        tmp_path,
+        [
+            _invocation(32, {"hf[bs32]": {"samples_per_s": 8.0, "median_step_ms": 4000.0}}),
+            _invocation(
+                64,
+                {
+                    "hf[bs64]": {
+                        "samples_per_s": 10.0,  # one slow step: its median pace is faster
+                        "median_step_ms": 5000.0,
+                        "flops_per_sample": flops,
+                    }
+                },
+            ),
+            _invocation(32, {"stage[fp8]": {"samples_per_s": 16.0, "median_step_ms": 1000.0}}),
+            _invocation(32, {"stage[broken]": {"error": "out of memory"}}),
+        ],
+    )
+    rows = read_rows(paths)
+    assert [r.label for r in rows] == ["hf[bs32]", "hf[bs64]", "stage[fp8]"]
+    table = markdown(rows)
+    assert "Fastest HF row: hf[bs64] at batch 64, 10 samples/s (12.80 by its median step)" in table
+    # 16 / 10 by rate; 32 / 12.8 by medians; MFU 16 / 20
+    assert "| stage[fp8] | 32 | 16 | 32.00 | None | 80.0% | 1.60 | 2.50 |" in table
+
+
+def test_a_hold_without_an_hf_row_has_no_baseline(tmp_path):
+    paths = _hold(tmp_path, [_invocation(32, {"stage[x]": {"samples_per_s": 1.0}})])
+    with pytest.raises(SystemExit, match="no HF row"):
+        markdown(read_rows(paths))
+
+
+def test_training_run_24s_raw_files_give_the_ratios_docs_benchmarks_quotes():
+    paths = sorted(REPO.glob("bench/results/train/run24*/r/train_7b.json"))
+    assert len(paths) == 3
+    table = markdown(read_rows(paths))
+    assert (
+        "| stage[bs32,16bit,fp8-wide,w2,gc-vision] | 32 | 34.516 | 34.93 | 69.54 | 64.2% | 2.82 | 2.65 |"
+        in table
+    )
+    assert (
+        "| stage[bs32,16bit,w2,gc-vision] | 32 | 29.616 | 29.90 | 75.26 | 55.1% | 2.42 | 2.27 |"
+        in table
+    )
