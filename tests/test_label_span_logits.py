@@ -96,7 +96,9 @@ def test_the_train_stage_with_a_worker_collating_trains_the_same_model(
         span, span_losses = logged_training_run(
             tiny_qwen2_vl, "span", 4, {**train, "label_span_logits": True}
         )
-    assert (plain["label_span_logits"], span["label_span_logits"]) == (False, True)
+    assert "label_span_logits" not in plain
+    # every forward on the training loop got a batch the loader's worker had cut
+    assert span["label_span_logits"] == {"forwards": 2, "cut": 2}
     assert "from each batch's first labelled position" in caplog.text
     assert len(span_losses) == 2
     assert span_losses == pytest.approx(plain_losses, rel=1e-5)
@@ -113,7 +115,7 @@ def test_a_model_whose_forward_takes_no_logits_to_keep_is_left_alone_with_a_warn
     trainer = Trainer()
     collator = trainer.data_collator
     with caplog.at_level(logging.WARNING, logger="vlm_ray.train.label_span_logits"):
-        assert with_label_span_logits(trainer, Head(), multiple=None) is False
+        assert with_label_span_logits(trainer, Head(), multiple=None) is None
     assert "Head's forward takes no logits_to_keep" in caplog.text
     assert trainer.data_collator is collator
 

@@ -39,7 +39,7 @@ from vlm_ray.storage import Store
 from vlm_ray.train.activation_checkpointing import trainer_checkpointing_kwargs
 from vlm_ray.train.collator import VisionSFTCollator
 from vlm_ray.train.dataset import PreparedShardsDataset
-from vlm_ray.train.label_span_logits import with_label_span_logits
+from vlm_ray.train.label_span_logits import label_span_counts, with_label_span_logits
 from vlm_ray.train.length_grouping import with_length_grouping
 from vlm_ray.train.peft_targets import lora_target_modules
 from vlm_ray.train.saving import save_trained_model
@@ -209,8 +209,10 @@ def train_hf(
         callbacks=list(callbacks),
     )
     with_host_embedding_lookup(trainer, host)
-    label_span = spec.train.label_span_logits and with_label_span_logits(
-        trainer, model, spec.train.pad_to_multiple_of
+    label_span = (
+        with_label_span_logits(trainer, model, spec.train.pad_to_multiple_of)
+        if spec.train.label_span_logits
+        else None
     )
     # MetricsLog prints the progress line; the Trainer's own dict printer would repeat it.
     trainer.remove_callback(PrinterCallback)
@@ -233,7 +235,7 @@ def train_hf(
         "resumed_from": resume_from,
         **host_embedding_counts(host),
         "fp8_base_layers": fp8_layers,
-        "label_span_logits": label_span,
+        **label_span_counts(label_span),
         **outputs,
     }
     log.info(

@@ -63,12 +63,9 @@ class LabelSpanCollator:
 
     def __init__(self, inner: Any, multiple: int | None = None) -> None:
         self.inner, self.multiple = inner, multiple
-        self.trimmed_batches = 0  # counted in the process that collates (a worker's own copy)
 
     def __call__(self, examples: list[Any]) -> dict[str, Any]:
-        batch = trim_to_label_span(self.inner(examples), self.multiple)
-        self.trimmed_batches += "logits_to_keep" in batch
-        return batch
+        return trim_to_label_span(self.inner(examples), self.multiple)
 
 
 def accepts_logits_to_keep(model: Any) -> bool:
@@ -77,10 +74,26 @@ def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def with_label_span_logits(trainer: Any, model: Any, multiple: int | None) -> bool:
-    """Have trainer's batches cut to their label span (see the module docstring); whether it did.
+class LabelSpanCount:
+    """How many of the model's forwards came with a cut batch (the run summary's record)."""
 
-    Set after the trainer is built, as the host embedding collator is: Unsloth's trainer decides
+    def __init__(self) -> None:
+        self.forwards = self.cut = 0
+
+    def __call__(self, _module: Any, _args: tuple, kwargs: dict[str, Any]) -> None:
+        # a forward pre-hook: reads the call's keywords, changes nothing, no GPU work
+        self.forwards += 1
+        self.cut += "logits_to_keep" in kwargs
+
+    def as_dict(self) -> dict[str, int]:
+        return {"forwards": self.forwards, "cut": self.cut}
+
+
+def with_label_span_logits(trainer: Any, model: Any, multiple: int | None) -> LabelSpanCount | None:
+    """Have trainer's batches cut to their label span (see the module docstring).
+
+    Returns the counter of the model's forwards (None when the model cannot take the cut). Set
+    after the trainer is built, as the host embedding collator is: Unsloth's trainer decides
     things at construction from the collator's class.
     """
     if not accepts_logits_to_keep(model):
@@ -89,10 +102,17 @@ def with_label_span_logits(trainer: Any, model: Any, multiple: int | None) -> bo
             "runs over every position",
             type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
         )
-        return False
+        return None
     trainer.data_collator = LabelSpanCollator(trainer.data_collator, multiple)
+    count = LabelSpanCount()
+    model.register_forward_pre_hook(count, with_kwargs=True)
     log.info(
         "train.label_span_logits: the output head and the loss run from each batch's first "
         "labelled position to its end"
     )
-    return True
+    return count
+
+
+def label_span_counts(count: LabelSpanCount | None) -> dict[str, dict[str, int]]:
+    """For a run's summary: how many forwards came with a cut batch ({} when the setting is off)."""
+    return {} if count is None else {"label_span_logits": count.as_dict()}

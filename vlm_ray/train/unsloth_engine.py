@@ -45,7 +45,7 @@ from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
 from vlm_ray.storage import Store
 from vlm_ray.train.activation_checkpointing import trainer_checkpointing_kwargs
-from vlm_ray.train.label_span_logits import with_label_span_logits
+from vlm_ray.train.label_span_logits import label_span_counts, with_label_span_logits
 from vlm_ray.train.saving import save_trained_model
 from vlm_ray.train.trainer_args import common_trainer_kwargs
 
@@ -259,8 +259,10 @@ def train_unsloth(
         callbacks=list(callbacks),
     )
     with_host_embedding_lookup(trainer, host)
-    label_span = spec.train.label_span_logits and with_label_span_logits(
-        trainer, model, spec.train.pad_to_multiple_of
+    label_span = (
+        with_label_span_logits(trainer, model, spec.train.pad_to_multiple_of)
+        if spec.train.label_span_logits
+        else None
     )
     # MetricsLog (from the stage) prints the progress line; the Trainer's dict printer would repeat it.
     trainer.remove_callback(PrinterCallback)
@@ -282,7 +284,7 @@ def train_unsloth(
         "resumed_from": resume_from,
         **host_embedding_counts(host),
         "fp8_base_layers": fp8_layers,
-        "label_span_logits": label_span,
+        **label_span_counts(label_span),
         **outputs,
     }
     log.info(
