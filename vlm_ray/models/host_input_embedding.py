@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from vlm_ray.models.submodules import unwrapped
+
 log = logging.getLogger(__name__)
 
 # The batch key the collator puts the looked-up rows under; the model's pre-hook takes it out.
@@ -83,7 +85,7 @@ def move_input_embedding_to_host(model: Any) -> HostInputEmbedding | None:
     embedding.forward = types.MethodType(_forward_taking_batch_rows(host), embedding)
     # On the model the Trainer calls, and on the transformers model inside a PEFT wrapper in
     # case something calls that one directly: the key must never reach the model's forward.
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrapped(model)
     for hooked in {id(model): model, id(inner): inner}.values():
         hooked.register_forward_pre_hook(_take_rows_from_kwargs(host), with_kwargs=True)
         # always_call: rows left by a forward that failed must not serve the next call

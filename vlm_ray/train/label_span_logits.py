@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from vlm_ray.models.submodules import unwrapped
 from vlm_ray.train.collator import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,7 @@ class LabelSpanCollator:
 
 def accepts_logits_to_keep(model: Any) -> bool:
     """Whether the model's own forward (under PEFT's wrapper) takes transformers' logits_to_keep."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrapped(model).forward).parameters
 
 
 class LabelSpanCount:
@@ -100,7 +100,7 @@ def with_label_span_logits(trainer: Any, model: Any, multiple: int | None) -> La
         log.warning(
             "train.label_span_logits: %s's forward takes no logits_to_keep; the output head "
             "runs over every position",
-            type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
+            type(unwrapped(model)).__name__,
         )
         return None
     trainer.data_collator = LabelSpanCollator(trainer.data_collator, multiple)
