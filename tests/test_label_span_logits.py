@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlm_ray.config import TrainSpec
 from vlm_ray.models.families import FAMILIES
 from vlm_ray.models.tiny import build_tiny_model
 from vlm_ray.storage import LocalStore
@@ -115,7 +116,7 @@ def test_a_model_whose_forward_takes_no_logits_to_keep_is_left_alone_with_a_warn
     trainer = Trainer()
     collator = trainer.data_collator
     with caplog.at_level(logging.WARNING, logger="vlm_ray.train.label_span_logits"):
-        assert with_label_span_logits(trainer, Head(), multiple=None) is None
+        assert with_label_span_logits(trainer, Head(), TrainSpec(label_span_logits=True)) is None
     assert "Head's forward takes no logits_to_keep" in caplog.text
     assert trainer.data_collator is collator
 

@@ -209,11 +209,7 @@ def train_hf(
         callbacks=list(callbacks),
     )
     with_host_embedding_lookup(trainer, host)
-    label_span = (
-        with_label_span_logits(trainer, model, spec.train.pad_to_multiple_of)
-        if spec.train.label_span_logits
-        else None
-    )
+    label_span = with_label_span_logits(trainer, model, spec.train)
     # MetricsLog prints the progress line; the Trainer's own dict printer would repeat it.
     trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume_from)

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlm_ray.models.submodules import unwrapped
 from vlm_ray.train.collator import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from vlm_ray.config import TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +92,16 @@ class LabelSpanCount:
         return {"forwards": self.forwards, "cut": self.cut}
 
 
-def with_label_span_logits(trainer: Any, model: Any, multiple: int | None) -> LabelSpanCount | None:
-    """Have trainer's batches cut to their label span (see the module docstring).
+def with_label_span_logits(trainer: Any, model: Any, train: TrainSpec) -> LabelSpanCount | None:
+    """With train.label_span_logits, have trainer's batches cut to their label span (see the
+    module docstring), rounded up to train.pad_to_multiple_of.
 
-    Returns the counter of the model's forwards (None when the model cannot take the cut). Set
-    after the trainer is built, as the host embedding collator is: Unsloth's trainer decides
-    things at construction from the collator's class.
+    Returns the counter of the model's forwards (None when the setting is off or the model
+    cannot take the cut). Set after the trainer is built, as the host embedding collator is:
+    Unsloth's trainer decides things at construction from the collator's class.
     """
+    if not train.label_span_logits:
+        return None
     if not accepts_logits_to_keep(model):
         log.warning(
             "train.label_span_logits: %s's forward takes no logits_to_keep; the output head "
@@ -103,7 +109,7 @@ def with_label_span_logits(trainer: Any, model: Any, multiple: int | None) -> La
             type(unwrapped(model)).__name__,
         )
         return None
-    trainer.data_collator = LabelSpanCollator(trainer.data_collator, multiple)
+    trainer.data_collator = LabelSpanCollator(trainer.data_collator, train.pad_to_multiple_of)
     count = LabelSpanCount()
     model.register_forward_pre_hook(count, with_kwargs=True)
     log.info(
