@@ -92,11 +92,11 @@ def test_the_train_stage_with_a_worker_collating_trains_the_same_model(
     tiny_qwen2_vl: Path, logged_training_run, caplog
 ):
     train = {"max_steps": 2, "per_device_train_batch_size": 2, "dataloader_num_workers": 1}
-    plain, plain_losses = logged_training_run(tiny_qwen2_vl, "plain", 4, train)
+    plain, plain_losses = logged_training_run(
+        tiny_qwen2_vl, "plain", 4, {**train, "label_span_logits": False}
+    )
     with caplog.at_level(logging.INFO, logger="vlm_ray.train.label_span_logits"):
-        span, span_losses = logged_training_run(
-            tiny_qwen2_vl, "span", 4, {**train, "label_span_logits": True}
-        )
+        span, span_losses = logged_training_run(tiny_qwen2_vl, "span", 4, train)
     assert "label_span_logits" not in plain
     # every forward on the training loop got a batch the loader's worker had cut
     assert span["label_span_logits"] == {"forwards": 2, "cut": 2}
@@ -127,7 +127,7 @@ def test_a_run_may_switch_it_on_or_off_as_it_does_not_change_what_is_trained(
     from vlm_ray.train.settings_guard import training_settings
 
     store = LocalStore(tmp_path / "run")
-    plain = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run")
-    span = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train={"label_span_logits": True})
-    assert plain.train.label_span_logits is False
+    span = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run")
+    plain = tiny_train_spec(tiny_qwen2_vl, tmp_path / "run", train={"label_span_logits": False})
+    assert span.train.label_span_logits is True  # the default
     assert training_settings(plain, store) == training_settings(span, store)
