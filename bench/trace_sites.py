@@ -67,3 +67,71 @@ def event_sites(trace: str | Path, names: tuple[str, ...], depth: int = 4) -> Co
                 continue
             sites[call_site([_frame(n) for _, n in reversed(open_frames)], depth)] += 1
     return sites
+
+
+# The host-side calls that put work on the GPU: a GPU event's `correlation` names one of these.
+_LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+_GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _op_chain(ops: list[str], depth: int) -> str:
+    """Up to `depth` enclosing operator names, innermost first (autograd's node names say which
+    backward formula ran, where the Python stack is empty: the backward runs on torch's own
+    threads)."""
+    return " <- ".join(ops[:depth]) or "(no operator)"
+
+
+def gpu_time_sites(
+    trace: str | Path, patterns: tuple[str, ...], depth: int = 4
+) -> dict[str, dict[str, float]]:
+    """GPU time of the kernels and copies whose names contain any of `patterns`, by who launched them.
+
+    Each GPU event is joined to its host-side launch (cudaLaunchKernel, cuLaunchKernel,
+    cudaMemcpyAsync...) by the trace's correlation id, and keyed by the GPU event's name (its
+    first 80 characters), after " <= " the operators around the launch (`aten::copy_ <-
+    aten::clone <- ...`, innermost first) and after " | " its Python call site (call_site). Returns {key: {"calls": n, "gpu_ms": total}}, the costliest
+    first: the profiler's tables give a kernel's total, this says which code paid it.
+    """
+    events = json.loads(Path(trace).read_text())["traceEvents"]
+    gpu_ms: dict[int, tuple[str, float]] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in _GPU_CATEGORIES:
+            continue
+        if any(p in e.get("name", "") for p in patterns):
+            gpu_ms[int(e["args"]["correlation"])] = (e["name"], float(e.get("dur", 0)) / 1000)
+    timelines: dict[tuple, list[tuple[float, float, int, str, int]]] = {}
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        cat = e.get("cat")
+        if cat == "python_function":
+            kind, corr = 0, -1
+        elif cat == "cpu_op":
+            kind, corr = 1, -1
+        elif cat in _LAUNCH_CATEGORIES and int(e.get("args", {}).get("correlation", -1)) in gpu_ms:
+            kind, corr = 2, int(e["args"]["correlation"])
+        else:
+            continue
+        start, end = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))
+        timelines.setdefault((e.get("pid"), e.get("tid")), []).append(
+            (start, -end, kind, e["name"], corr)
+        )
+    sites: dict[str, dict[str, float]] = {}
+    for timeline in timelines.values():
+        timeline.sort()
+        open_frames: list[tuple[float, int, str]] = []  # (end, kind, name), outermost first
+        for start, neg_end, kind, name, corr in timeline:
+            while open_frames and open_frames[-1][0] < start:
+                open_frames.pop()
+            if kind != 2:
+                open_frames.append((-neg_end, kind, name))
+                continue
+            inner_first = list(reversed(open_frames))
+            ops = [n for _, k, n in inner_first if k == 1]
+            frames = [_frame(n) for _, k, n in inner_first if k == 0]
+            gpu_name = gpu_ms[corr][0][:80]
+            key = f"{gpu_name} <= {_op_chain(ops, depth)} | {call_site(frames, depth)}"
+            site = sites.setdefault(key, {"calls": 0, "gpu_ms": 0.0})
+            site["calls"] += 1
+            site["gpu_ms"] += gpu_ms[corr][1]
+    return dict(sorted(sites.items(), key=lambda kv: -kv[1]["gpu_ms"]))

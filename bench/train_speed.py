@@ -251,13 +251,20 @@ def make_sync_sites(step: int):
     return SyncSites()
 
 
-def make_copy_sites(step: int, trace: Path):
+# What --copy-sites prices by launcher unless told: run 25's device-to-device copies (523 per
+# step) and float8 quantizing reductions (their kernels' names hold "amax").
+GPU_TIME_SITES = ("Memcpy DtoD", "amax")
+
+
+def make_copy_sites(step: int, trace: Path, gpu_patterns: tuple[str, ...] = ()):
     """A TrainerCallback that profiles optimiser step `step` with Python stacks and counts its
     host-side copies and stream synchronisations by the Python code around them.
 
     The complement of make_sync_sites (bench/trace_sites.py): it also sees the copies torch's
     sync debug mode does not flag (issued outside torch's copy path, e.g. by a C extension, or
-    non-blocking into pageable memory).
+    non-blocking into pageable memory). With `gpu_patterns`, the GPU time of the kernels and
+    copies named by them is summed by the operators and Python code that launched them
+    (bench/trace_sites.gpu_time_sites): run 25's 523 device-to-device copies per step.
     """
     from collections import Counter
 
@@ -270,6 +277,7 @@ def make_copy_sites(step: int, trace: Path):
     class CopySites(TrainerCallback):
         def __init__(self) -> None:
             self.sites: Counter = Counter()
+            self.gpu_sites: dict = {}
             self._prof = None
 
         def on_step_begin(self, args, state, control, **k):
@@ -285,12 +293,18 @@ def make_copy_sites(step: int, trace: Path):
                 self._prof.stop()
                 self._prof.export_chrome_trace(str(trace))
                 self._prof = None
-                from bench.trace_sites import event_sites
+                from bench.trace_sites import event_sites, gpu_time_sites
 
                 self.sites = event_sites(trace, names)
+                if gpu_patterns:
+                    self.gpu_sites = gpu_time_sites(trace, gpu_patterns)
 
         def summary(self) -> dict:
-            return sites_summary("copy", "copies_and_syncs_per_step", step, self.sites)
+            gpu = {}
+            if gpu_patterns:
+                top = dict(list(self.gpu_sites.items())[:25])
+                gpu = {"gpu_time_patterns": list(gpu_patterns), "gpu_time_sites": top}
+            return {**sites_summary("copy", "copies_and_syncs_per_step", step, self.sites), **gpu}
 
     return CopySites()
 
@@ -707,7 +721,11 @@ def mode_stage(a, model_dir: Path) -> dict:
                 callbacks.append(sync_sites)
             last += int(a.sync_sites)  # each diagnostic has a step of its own
             trace = Path("/tmp") / f"copy_sites_{a.shape}_bs{a.batch}.json"
-            copy_sites = make_copy_sites(last, trace) if a.copy_sites else None
+            copy_sites = (
+                make_copy_sites(last, trace, tuple(a.gpu_time_sites or GPU_TIME_SITES))
+                if a.copy_sites
+                else None
+            )
             if copy_sites:
                 callbacks.append(copy_sites)
             last += int(a.copy_sites)
@@ -928,6 +946,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="'stage': one more step, profiled with Python stacks; the result counts its "
         "host-device copies and stream syncs by the Python code around them "
         "(bench/trace_sites.py), those torch's sync debug mode misses included",
+    )
+    p.add_argument(
+        "--gpu-time-sites",
+        action="append",
+        default=None,
+        metavar="NAME_PART",
+        help="with --copy-sites: the GPU time of the kernels and copies whose names contain "
+        "NAME_PART (repeatable), summed by the operators and Python code that launched them; "
+        "default 'Memcpy DtoD' and 'amax' (the device-to-device copies and the float8 "
+        "quantizing reductions of run 25's profile)",
     )
     p.add_argument(
         "--memory-sites",

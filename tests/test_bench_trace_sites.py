@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.trace_sites import event_sites
+from bench.trace_sites import event_sites, gpu_time_sites
 
 
 def _matmul(a):
@@ -32,3 +34,59 @@ def test_events_are_counted_by_the_python_frames_around_them(tmp_path):
     assert " _matmul <- " in matmul_site and matmul_site.endswith("<listcomp>")
     assert m == 1 and "test_events_are_counted" in relu_site
     assert "torch/" not in matmul_site + relu_site, "torch's own frames are left out"
+
+
+def _x(cat, name, ts, dur, tid=1, **args):
+    """One complete event as torch.profiler's chrome trace writes it."""
+    return {
+        "ph": "X",
+        "cat": cat,
+        "name": name,
+        "pid": 1,
+        "tid": tid,
+        "ts": ts,
+        "dur": dur,
+        "args": args,
+    }
+
+
+def test_gpu_time_is_summed_by_the_operators_and_python_code_that_launched_it(tmp_path):
+    # A GPU profile's shape: Python frames and operators on the host thread, launches inside
+    # them, and the GPU's events on their own timeline, joined to a launch by correlation id.
+    forward = "vlm_ray/models/layer.py(40): forward"
+    events = [
+        _x("python_function", forward, 0, 100),
+        _x("cpu_op", "aten::clone", 10, 30),
+        _x("cpu_op", "aten::copy_", 12, 20),
+        _x("cuda_runtime", "cudaMemcpyAsync", 14, 5, correlation=1),
+        _x("cpu_op", "aten::clone", 50, 30),
+        _x("cpu_op", "aten::copy_", 52, 20),
+        _x("cuda_runtime", "cudaMemcpyAsync", 54, 5, correlation=2),
+        _x("cpu_op", "aten::mm", 85, 10),
+        _x("cuda_runtime", "cudaLaunchKernel", 86, 3, correlation=3),
+        # the backward, on the autograd engine's thread: operators, no Python frames
+        _x("cpu_op", "autograd::engine::evaluate_function: CloneBackward0", 200, 40, tid=2),
+        _x("cpu_op", "aten::copy_", 210, 20, tid=2),
+        _x("cuda_runtime", "cudaMemcpyAsync", 212, 5, tid=2, correlation=4),
+        _x("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 20, 2000, tid=7, correlation=1),
+        _x("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 2100, 1000, tid=7, correlation=2),
+        _x("kernel", "nvjet_sm90_tst_128x256", 3200, 5000, tid=7, correlation=3),
+        _x("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 8300, 500, tid=7, correlation=4),
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+
+    sites = gpu_time_sites(trace, ("Memcpy DtoD",))
+
+    assert list(sites.values()) == [{"calls": 2, "gpu_ms": 3.0}, {"calls": 1, "gpu_ms": 0.5}]
+    forward_copies, backward_copy = sites
+    dtod = "Memcpy DtoD (Device -> Device)"
+    assert forward_copies == f"{dtod} <= aten::copy_ <- aten::clone | layer.py:40 forward"
+    assert backward_copy == (
+        f"{dtod} <= aten::copy_ <- autograd::engine::evaluate_function: CloneBackward0"
+        " | (no Python frame)"
+    )
+    # the GEMM's 5 ms are not a copy; asked for by name, they are the mm's
+    assert gpu_time_sites(trace, ("nvjet",)) == {
+        "nvjet_sm90_tst_128x256 <= aten::mm | layer.py:40 forward": {"calls": 1, "gpu_ms": 5.0}
+    }

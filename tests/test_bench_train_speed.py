@@ -7,10 +7,12 @@ import signal
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 from bench.train_speed import (
     _stop,
     collect_results,
+    make_copy_sites,
     make_early_result,
     result_of,
     steady,
@@ -92,7 +94,6 @@ def test_result_lines_are_read_from_the_child_and_from_a_ray_actor_s_forwarded_o
 
 
 def test_the_stage_s_timing_is_printed_as_soon_as_the_timed_steps_are_done(capsys):
-    from types import SimpleNamespace
 
     class Report:
         def summary(self):
@@ -154,3 +155,20 @@ def test_a_driver_stopped_before_any_result_says_so_and_is_marked_cut():
 
     assert result["error"] == "no RESULT line before the cut"
     assert result["cut"].startswith("stopped by SIGTERM")
+
+
+def test_the_copy_sites_step_also_reports_gpu_time_by_launcher_for_the_names_asked(tmp_path):
+    import torch
+
+    sites = make_copy_sites(0, tmp_path / "trace.json", ("Memcpy DtoD",))
+    state = SimpleNamespace(global_step=0)
+    sites.on_step_begin(None, state, None)
+    torch.randn(8, 8) @ torch.randn(8, 8)
+    state.global_step = 1
+    sites.on_step_end(None, state, None)
+
+    summary = sites.summary()
+    assert summary["copy_step"] == 0 and (tmp_path / "trace.json").is_file()
+    assert summary["gpu_time_patterns"] == ["Memcpy DtoD"]
+    assert summary["gpu_time_sites"] == {}  # a CPU-only step launches nothing on a GPU
+    assert "gpu_time_sites" not in make_copy_sites(0, tmp_path / "t2.json").summary()
