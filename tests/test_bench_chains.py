@@ -108,3 +108,24 @@ def test_a_misspelt_argument_or_switch_is_caught(tmp_path: Path):
     chain.write_text("python3 bench/train_speed.py --shape 7b --set train.cuda_graph=true\n")
     with pytest.raises(SpecError, match=r"train\.cuda_graph"):
         test_every_command_of_the_chain_would_start(chain)
+
+
+def test_the_fast_training_example_is_the_benchmark_s_fastest_line():
+    """examples/qwen2_vl_7b_fast_train.yaml quotes run 25's figures, so it must train as that
+    line did: every --set of the chain's first stage line, its batch and its loader workers."""
+    from vlm_ray.config import load_spec
+
+    chain = ROOT / "bench" / "chains" / "train_7b_fp8_label_span_best_batch.txt"
+    stage = next(p for _, p in commands(chain) if "stage" in p and "--modes" in p)
+    args = train_speed.build_parser().parse_args(stage[2:])
+    example = load_spec(ROOT / "examples" / "qwen2_vl_7b_fast_train.yaml")
+
+    assert args.set, "the line sets the settings it measures"
+    for assignment in args.set:
+        key, _, value = assignment.partition("=")
+        section, field = key.split(".")
+        assert str(getattr(getattr(example, section), field)).lower() == value.lower(), key
+    assert example.train.per_device_train_batch_size == args.batch
+    assert example.train.dataloader_num_workers == args.workers
+    assert example.data.image_min_size == example.data.image_max_size == args.image
+    assert example.model.load_in_4bit is False  # the bench's model loads in 16 bits
