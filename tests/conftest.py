@@ -313,6 +313,15 @@ def logged_training_run(write_prepared, tiny_train_spec, tmp_path):
     return run
 
 
+@pytest.fixture(params=["hf", "unsloth"])
+def train_engine(request) -> str:
+    """Each train engine in turn (test ids [hf], [unsloth]); Unsloth's turn is skipped where
+    Unsloth is not installed. For the GPU tests that run the train stage through both."""
+    if request.param == "unsloth":
+        pytest.importorskip("unsloth")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def lora_model():
     """lora_model(model_dir, dtype=None, **lora) -> a PEFT model: LoRA r=4 on every linear layer

@@ -40,14 +40,11 @@ def test_the_table_leaves_gpu_memory_and_device_placement_leaves_it_on_the_host(
     assert host.looked_up_here == 1
 
 
-@pytest.mark.parametrize("engine", ["hf", "unsloth"])
 def test_the_train_stage_trains_the_same_with_the_table_on_the_host(
-    engine: str, untied_qwen2_vl: Path, logged_training_run: Callable
+    train_engine: str, untied_qwen2_vl: Path, logged_training_run: Callable
 ) -> None:
-    if engine == "unsloth":
-        pytest.importorskip("unsloth")
     train = {
-        "engine": engine,
+        "engine": train_engine,
         "max_steps": 3,
         "per_device_train_batch_size": 2,
         "dataloader_num_workers": 2,
@@ -58,7 +55,7 @@ def test_the_train_stage_trains_the_same_with_the_table_on_the_host(
         untied_qwen2_vl, "hosted", 8, {**train, "host_input_embedding": True}
     )
 
-    assert hosted["engine"] == engine
+    assert hosted["engine"] == train_engine
     assert hosted["host_input_embedding"] == {"served_from_batch": 3, "looked_up_here": 0}
     assert len(hosted_losses) == len(plain_losses) == 3
     # the same rows reach the same kernels; only nondeterministic GPU reductions may differ

@@ -12,19 +12,16 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("engine", ["hf", "unsloth"])
 def test_the_train_stage_trains_the_same_from_the_label_span(
-    engine: str, tiny_qwen2_vl: Path, logged_training_run: Callable
+    train_engine: str, tiny_qwen2_vl: Path, logged_training_run: Callable
 ) -> None:
-    if engine == "unsloth":
-        pytest.importorskip("unsloth")
-    train = {"engine": engine, "max_steps": 3, "per_device_train_batch_size": 2}
+    train = {"engine": train_engine, "max_steps": 3, "per_device_train_batch_size": 2}
     plain, plain_losses = logged_training_run(
         tiny_qwen2_vl, "plain", 8, {**train, "label_span_logits": False}
     )
     span, span_losses = logged_training_run(tiny_qwen2_vl, "span", 8, train)
 
-    assert span["engine"] == engine
+    assert span["engine"] == train_engine
     assert "label_span_logits" not in plain
     assert span["label_span_logits"] == {"forwards": 3, "cut": 3}
     assert len(span_losses) == len(plain_losses) == 3
