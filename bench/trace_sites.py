@@ -84,13 +84,14 @@ def _op_chain(ops: list[str], depth: int) -> str:
 def gpu_time_sites(
     trace: str | Path, patterns: tuple[str, ...], depth: int = 4
 ) -> dict[str, dict[str, float]]:
-    """GPU time of the kernels and copies whose names contain any of `patterns`, by who launched them.
+    """GPU time of the kernels and copies whose names contain any of `patterns`, by launcher.
 
     Each GPU event is joined to its host-side launch (cudaLaunchKernel, cuLaunchKernel,
     cudaMemcpyAsync...) by the trace's correlation id, and keyed by the GPU event's name (its
     first 80 characters), after " <= " the operators around the launch (`aten::copy_ <-
-    aten::clone <- ...`, innermost first) and after " | " its Python call site (call_site). Returns {key: {"calls": n, "gpu_ms": total}}, the costliest
-    first: the profiler's tables give a kernel's total, this says which code paid it.
+    aten::clone <- ...`, innermost first) and after " | " its Python call site (call_site).
+    Returns {key: {"calls": n, "gpu_ms": total}}, the costliest first: the profiler's tables
+    give a kernel's total, this says which code paid it.
     """
     events = json.loads(Path(trace).read_text())["traceEvents"]
     gpu_ms: dict[int, tuple[str, float]] = {}
