@@ -792,6 +792,10 @@ def result_of(line: str) -> dict | None:
     return json.loads(text[len("RESULT ") :])
 
 
+# How long a stopped driver waits for its child before killing it (see collect_results).
+STOP_GRACE_S = 2.0
+
+
 class Stopped(Exception):
     """SIGTERM reached the driver: the chain's `timeout` ran out."""
 
@@ -826,7 +830,10 @@ def collect_results(cmd: list[str], conditions_every: float = 2.0) -> dict:
     except Stopped as stop:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            # Briefly: `timeout -k 5` (device_chains.sh's CHAIN_DEADLINE) kills this driver 5 s
+            # after its SIGTERM, and the record is written after this returns. A Ray child can
+            # take longer to stop than that (run 25's last row was lost to a 10 s wait here).
+            proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             proc.kill()
         cut = f"stopped by {stop} after {round(time.time() - t)} s"

@@ -150,6 +150,21 @@ def test_a_driver_stopped_by_sigterm_keeps_the_timing_printed_before_the_cut_and
     assert time.time() - started < 30  # the child did not run out its 60 s
 
 
+def test_a_stopped_driver_answers_well_inside_the_chains_kill_grace_even_if_the_child_lingers():
+    # A child that ignores SIGTERM, as a Ray driver shutting down can for a while: the driver
+    # must still return its record before `timeout -k 5` kills it (device_chains.sh).
+    lingering = _child(
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        'print("RESULT {\\"samples_per_s\\": 8.0}", flush=True); time.sleep(60)'
+    )
+    started = time.time()
+
+    result = _collect_stopped_after(lingering, 2.0)
+
+    assert result["samples_per_s"] == 8.0 and result["cut"].startswith("stopped by SIGTERM")
+    assert time.time() - started < 2.0 + 4.5
+
+
 def test_a_driver_stopped_before_any_result_says_so_and_is_marked_cut():
     result = _collect_stopped_after(_child("import time; time.sleep(60)"), 2.0)
 
