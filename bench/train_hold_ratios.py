@@ -7,7 +7,9 @@ stage) is a setup. Each setup is divided by the fastest baseline, by its rate (t
 wall window) and by its median step, since one slow step can move a rate (run 23). MFU counts
 6 x params x tokens over the bf16 dense peak for every row, with the FLOPs per sample the bench
 computed for an HF row of the same shape (the same data; ours pads, which is not useful work).
-Give only files of one hold (one machine, held without a break): ratios across holds mix
+The last column is the SM clock's median over the row's timed steps (nvidia-smi, sampled by the
+bench): a power-capped GPU moved it 13% between calls of one hold (run 25), more than most
+differences between setups, so a comparison is read beside it. Give only files of one hold (one machine, held without a break): ratios across holds mix
 machines.
 """
 
@@ -33,6 +35,7 @@ class Row:
     peak_gib: float | None
     flops_per_sample: float | None
     gpu: str
+    sm_mhz: float | None = None
 
     @property
     def median_rate(self) -> float | None:
@@ -58,6 +61,7 @@ def read_rows(paths: list[Path]) -> list[Row]:
                         peak_gib=r.get("peak_gib"),
                         flops_per_sample=r.get("flops_per_sample"),
                         gpu=r.get("gpu") or inv.get("gpu", ""),
+                        sm_mhz=r.get("conditions", {}).get("gpu_sm_mhz", {}).get("median"),
                     )
                 )
     return rows
@@ -75,17 +79,19 @@ def markdown(rows: list[Row]) -> str:
         f"Fastest HF row: {best.label} at batch {best.batch}, {best.samples_per_s:g} samples/s "
         f"({best_median:.2f} by its median step).",
         "",
-        "| row | batch | samples/s | by median step | peak GiB | MFU | × HF (rate) | × HF (medians) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | batch | samples/s | by median step | peak GiB | MFU | × HF (rate) | × HF (medians) "
+        "| SM MHz |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = flops.get(r.shape)
         mfu = f"{100 * r.samples_per_s * f / peak_flops(r.gpu):.1f}%" if f else "-"
         median = f"{r.median_rate:.2f}" if r.median_rate else "-"
         by_median = f"{r.median_rate / best_median:.2f}" if r.median_rate and best_median else "-"
+        clock = f"{r.sm_mhz:g}" if r.sm_mhz else "-"
         lines.append(
             f"| {r.label} | {r.batch} | {r.samples_per_s:g} | {median} | {r.peak_gib} | {mfu} | "
-            f"{r.samples_per_s / best.samples_per_s:.2f} | {by_median} |"
+            f"{r.samples_per_s / best.samples_per_s:.2f} | {by_median} | {clock} |"
         )
     return "\n".join(lines)
 
