@@ -5,10 +5,17 @@ item paths; a copy issued elsewhere (a C extension, a ctypes call) is invisible 
 the profiler's tables name the event but not its caller. A profile taken with
 `with_stack=True` records the Python calls as `python_function` events on the same thread's
 timeline, so each event's enclosing Python frames are the calls whose spans contain it.
+
+A trace brought back from the GPU machine (gzipped or not) can be asked again here, for any
+kernel, without device time:
+
+    python -m bench.trace_sites copy_sites_7b_bs32.json.gz --gpu "Memcpy DtoD" --gpu nvjet
 """
 
 from __future__ import annotations
 
+import argparse
+import gzip
 import json
 from collections import Counter
 from pathlib import Path
@@ -16,6 +23,13 @@ from pathlib import Path
 # Frames from these places say nothing about who asked for the event (trace names are paths
 # relative to site-packages, or absolute).
 _SKIP = ("torch/", "<built-in", "threading.py", "contextlib.py", "functools.py", "warnings.py")
+
+
+def _events(trace: str | Path) -> list[dict]:
+    """A chrome trace's events; a name ending in .gz is read through gzip."""
+    path = Path(trace)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return json.loads(raw)["traceEvents"]
 
 
 def call_site(frames: list[tuple[str, str, str]], depth: int = 4) -> str:
@@ -42,7 +56,7 @@ def event_sites(trace: str | Path, names: tuple[str, ...], depth: int = 4) -> Co
     The key is up to `depth` frames, innermost first, joined by " <- "; an event with no such
     frame around it counts under "(no Python frame)".
     """
-    events = json.loads(Path(trace).read_text())["traceEvents"]
+    events = _events(trace)
     timelines: dict[tuple, list[tuple[float, float, int, str]]] = {}
     for e in events:
         if e.get("ph") != "X":
@@ -93,7 +107,7 @@ def gpu_time_sites(
     Returns {key: {"calls": n, "gpu_ms": total}}, the costliest first: the profiler's tables
     give a kernel's total, this says which code paid it.
     """
-    events = json.loads(Path(trace).read_text())["traceEvents"]
+    events = _events(trace)
     gpu_ms: dict[int, tuple[str, float]] = {}
     for e in events:
         if e.get("ph") != "X" or e.get("cat") not in _GPU_CATEGORIES:
@@ -136,3 +150,34 @@ def gpu_time_sites(
             site["calls"] += 1
             site["gpu_ms"] += gpu_ms[corr][1]
     return dict(sorted(sites.items(), key=lambda kv: -kv[1]["gpu_ms"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the GPU time of the named kernels and copies in a trace by launcher, costliest first."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("trace", type=Path, help="a torch.profiler chrome trace (.json or .json.gz)")
+    p.add_argument(
+        "--gpu",
+        action="append",
+        required=True,
+        metavar="NAME_PART",
+        help="a part of the GPU events' names (a kernel's, or 'Memcpy DtoD'); repeatable",
+    )
+    p.add_argument("--depth", type=int, default=4, help="operators and Python frames per key")
+    p.add_argument("--top", type=int, default=25, help="how many launchers to print")
+    a = p.parse_args(argv)
+    sites = gpu_time_sites(a.trace, tuple(a.gpu), a.depth)
+    total_ms = sum(v["gpu_ms"] for v in sites.values())
+    total_calls = sum(v["calls"] for v in sites.values())
+    print(f"{total_calls} GPU events, {total_ms:.1f} ms, from {len(sites)} launchers")
+    print("| GPU ms | calls | GPU event <= operators, innermost first | Python call site |")
+    print("|---|---|---|---|")
+    for key, v in list(sites.items())[: a.top]:
+        launch, _, python = key.partition(" | ")
+        print(f"| {v['gpu_ms']:.2f} | {v['calls']} | {launch} | {python} |")
+
+
+if __name__ == "__main__":
+    main()

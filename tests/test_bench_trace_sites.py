@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.trace_sites import event_sites, gpu_time_sites
+from bench.trace_sites import event_sites, gpu_time_sites, main
 
 
 def _matmul(a):
@@ -75,6 +76,8 @@ def test_gpu_time_is_summed_by_the_operators_and_python_code_that_launched_it(tm
     ]
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": events}))
+    # what the GPU machine brings back: the same trace gzipped
+    (tmp_path / "trace.json.gz").write_bytes(gzip.compress(trace.read_bytes()))
 
     sites = gpu_time_sites(trace, ("Memcpy DtoD",))
 
@@ -90,3 +93,30 @@ def test_gpu_time_is_summed_by_the_operators_and_python_code_that_launched_it(tm
     assert gpu_time_sites(trace, ("nvjet",)) == {
         "nvjet_sm90_tst_128x256 <= aten::mm | layer.py:40 forward": {"calls": 1, "gpu_ms": 5.0}
     }
+    # the gzipped copy reads the same
+    assert gpu_time_sites(tmp_path / "trace.json.gz", ("Memcpy DtoD",)) == sites
+
+
+def test_a_brought_back_trace_can_be_asked_again_from_the_command_line(tmp_path, capsys):
+    events = [
+        _x("cpu_op", "aten::clone", 10, 30),
+        _x("cuda_runtime", "cudaMemcpyAsync", 14, 5, correlation=1),
+        _x("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 20, 2000, tid=7, correlation=1),
+        _x("cpu_op", "aten::mm", 50, 10),
+        _x("cuda_runtime", "cudaLaunchKernel", 51, 3, correlation=2),
+        _x("kernel", "nvjet_sm90_tst_128x256", 60, 5000, tid=7, correlation=2),
+    ]
+    trace = tmp_path / "trace.json.gz"
+    trace.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+
+    main([str(trace), "--gpu", "Memcpy DtoD", "--gpu", "nvjet"])
+
+    out = capsys.readouterr().out
+    assert out.startswith("2 GPU events, 7.0 ms, from 2 launchers")
+    rows = [
+        line for line in out.splitlines() if line.startswith("| 5.00") or line.startswith("| 2.00")
+    ]
+    assert rows == [
+        "| 5.00 | 1 | nvjet_sm90_tst_128x256 <= aten::mm | (no Python frame) |",
+        "| 2.00 | 1 | Memcpy DtoD (Device -> Device) <= aten::clone | (no Python frame) |",
+    ]
