@@ -18,6 +18,7 @@ import argparse
 import gzip
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Frames from these places say nothing about who asked for the event (trace names are paths
@@ -25,11 +26,66 @@ from pathlib import Path
 _SKIP = ("torch/", "<built-in", "threading.py", "contextlib.py", "functools.py", "warnings.py")
 
 
-def _events(trace: str | Path) -> list[dict]:
-    """A chrome trace's events; a name ending in .gz is read through gzip."""
+Trace = str | Path | list[dict]
+
+
+def load_trace(trace: str | Path) -> list[dict]:
+    """A chrome trace's events; a name ending in .gz is read through gzip. Load once and pass
+    the list to both event_sites and gpu_time_sites: a profiled step's trace can be large."""
     path = Path(trace)
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     return json.loads(raw)["traceEvents"]
+
+
+def _events(trace: Trace) -> list[dict]:
+    return trace if isinstance(trace, list) else load_trace(trace)
+
+
+_TARGET_RANK = 1 << 30  # after any frame that starts and ends with the target
+
+
+def _enclosed(
+    events: list[dict], frame_rank: Callable[[dict], int | None], is_target: Callable[[dict], bool]
+) -> Iterator[tuple[dict, list[dict]]]:
+    """Each target event with the frame events open around it on its thread, innermost first.
+
+    Frames are the complete events `frame_rank` ranks (Python calls, operators); where frames
+    start and end together, the lower rank is the outer one. A frame starting with a target
+    encloses it.
+    """
+    timelines: dict[tuple, list[tuple[float, float, int, int]]] = {}
+    for i, e in enumerate(events):
+        if e.get("ph") != "X":
+            continue
+        rank = frame_rank(e)
+        if rank is None:
+            if not is_target(e):
+                continue
+            rank = _TARGET_RANK
+        start = float(e["ts"])
+        # Longer events first among those starting together: they enclose.
+        timelines.setdefault((e.get("pid"), e.get("tid")), []).append(
+            (start, -(start + float(e.get("dur", 0))), rank, i)
+        )
+    for timeline in timelines.values():
+        timeline.sort()
+        open_frames: list[tuple[float, dict]] = []  # (end, event), outermost first
+        for start, neg_end, rank, i in timeline:
+            while open_frames and open_frames[-1][0] < start:
+                open_frames.pop()
+            if rank == _TARGET_RANK:
+                yield events[i], [f for _, f in reversed(open_frames)]
+            else:
+                open_frames.append((-neg_end, events[i]))
+
+
+def _python_frame_rank(e: dict) -> int | None:
+    return 0 if e.get("cat") == "python_function" else None
+
+
+def _python_or_operator_rank(e: dict) -> int | None:
+    """Python calls enclose the operators they start when both begin and end together."""
+    return {"python_function": 0, "cpu_op": 1}.get(e.get("cat"))
 
 
 def call_site(frames: list[tuple[str, str, str]], depth: int = 4) -> str:
@@ -50,42 +106,29 @@ def _frame(name: str) -> tuple[str, str, str]:
     return (path, line.rstrip(")"), func) if path else (name, "", "")
 
 
-def event_sites(trace: str | Path, names: tuple[str, ...], depth: int = 4) -> Counter:
+def event_sites(trace: Trace, names: tuple[str, ...], depth: int = 4) -> Counter:
     """Count the events called `names` in a chrome trace by their innermost non-torch Python frames.
 
     The key is up to `depth` frames, innermost first, joined by " <- "; an event with no such
     frame around it counts under "(no Python frame)".
     """
-    events = _events(trace)
-    timelines: dict[tuple, list[tuple[float, float, int, str]]] = {}
-    for e in events:
-        if e.get("ph") != "X":
-            continue
-        python = e.get("cat") == "python_function"
-        if not python and e.get("name") not in names:
-            continue
-        start, end = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))
-        # Frames before events that start with them; longer frames first (they enclose).
-        timelines.setdefault((e.get("pid"), e.get("tid")), []).append(
-            (start, -end, 0 if python else 1, e["name"])
-        )
+
+    def named(e: dict) -> bool:
+        return e.get("name") in names
+
     sites: Counter = Counter()
-    for timeline in timelines.values():
-        timeline.sort()
-        open_frames: list[tuple[float, str]] = []  # (end, name), outermost first
-        for start, neg_end, kind, name in timeline:
-            while open_frames and open_frames[-1][0] < start:
-                open_frames.pop()
-            if kind == 0:
-                open_frames.append((-neg_end, name))
-                continue
-            sites[call_site([_frame(n) for _, n in reversed(open_frames)], depth)] += 1
+    for _, frames in _enclosed(_events(trace), _python_frame_rank, named):
+        sites[call_site([_frame(f["name"]) for f in frames], depth)] += 1
     return sites
 
 
 # The host-side calls that put work on the GPU: a GPU event's `correlation` names one of these.
 _LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 _GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _correlation(e: dict) -> int:
+    return int(e.get("args", {}).get("correlation", -1))
 
 
 def _op_chain(ops: list[str], depth: int) -> str:
@@ -96,7 +139,7 @@ def _op_chain(ops: list[str], depth: int) -> str:
 
 
 def gpu_time_sites(
-    trace: str | Path, patterns: tuple[str, ...], depth: int = 4
+    trace: Trace, patterns: tuple[str, ...], depth: int = 4
 ) -> dict[str, dict[str, float]]:
     """GPU time of the kernels and copies whose names contain any of `patterns`, by launcher.
 
@@ -114,41 +157,19 @@ def gpu_time_sites(
             continue
         if any(p in e.get("name", "") for p in patterns):
             gpu_ms[int(e["args"]["correlation"])] = (e["name"], float(e.get("dur", 0)) / 1000)
-    timelines: dict[tuple, list[tuple[float, float, int, str, int]]] = {}
-    for e in events:
-        if e.get("ph") != "X":
-            continue
-        cat = e.get("cat")
-        if cat == "python_function":
-            kind, corr = 0, -1
-        elif cat == "cpu_op":
-            kind, corr = 1, -1
-        elif cat in _LAUNCH_CATEGORIES and int(e.get("args", {}).get("correlation", -1)) in gpu_ms:
-            kind, corr = 2, int(e["args"]["correlation"])
-        else:
-            continue
-        start, end = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))
-        timelines.setdefault((e.get("pid"), e.get("tid")), []).append(
-            (start, -end, kind, e["name"], corr)
-        )
+
+    def is_launch(e: dict) -> bool:
+        return e.get("cat") in _LAUNCH_CATEGORIES and _correlation(e) in gpu_ms
+
     sites: dict[str, dict[str, float]] = {}
-    for timeline in timelines.values():
-        timeline.sort()
-        open_frames: list[tuple[float, int, str]] = []  # (end, kind, name), outermost first
-        for start, neg_end, kind, name, corr in timeline:
-            while open_frames and open_frames[-1][0] < start:
-                open_frames.pop()
-            if kind != 2:
-                open_frames.append((-neg_end, kind, name))
-                continue
-            inner_first = list(reversed(open_frames))
-            ops = [n for _, k, n in inner_first if k == 1]
-            frames = [_frame(n) for _, k, n in inner_first if k == 0]
-            gpu_name = gpu_ms[corr][0][:80]
-            key = f"{gpu_name} <= {_op_chain(ops, depth)} | {call_site(frames, depth)}"
-            site = sites.setdefault(key, {"calls": 0, "gpu_ms": 0.0})
-            site["calls"] += 1
-            site["gpu_ms"] += gpu_ms[corr][1]
+    for launch, frames in _enclosed(events, _python_or_operator_rank, is_launch):
+        ops = [f["name"] for f in frames if f.get("cat") == "cpu_op"]
+        python = [_frame(f["name"]) for f in frames if f.get("cat") == "python_function"]
+        gpu_name, ms = gpu_ms[_correlation(launch)]
+        key = f"{gpu_name[:80]} <= {_op_chain(ops, depth)} | {call_site(python, depth)}"
+        site = sites.setdefault(key, {"calls": 0, "gpu_ms": 0.0})
+        site["calls"] += 1
+        site["gpu_ms"] += ms
     return dict(sorted(sites.items(), key=lambda kv: -kv[1]["gpu_ms"]))
 
 

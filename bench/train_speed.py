@@ -293,11 +293,12 @@ def make_copy_sites(step: int, trace: Path, gpu_patterns: tuple[str, ...] = ()):
                 self._prof.stop()
                 self._prof.export_chrome_trace(str(trace))
                 self._prof = None
-                from bench.trace_sites import event_sites, gpu_time_sites
+                from bench.trace_sites import event_sites, gpu_time_sites, load_trace
 
-                self.sites = event_sites(trace, names)
+                events = load_trace(trace)  # parsed once for both
+                self.sites = event_sites(events, names)
                 if gpu_patterns:
-                    self.gpu_sites = gpu_time_sites(trace, gpu_patterns)
+                    self.gpu_sites = gpu_time_sites(events, gpu_patterns)
 
         def summary(self) -> dict:
             gpu = {}
