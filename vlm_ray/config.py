@@ -357,6 +357,17 @@ class TrainSpec(_Section):
             "7.95 without (2,595 device-to-host copies per step, first step 69 s)."
         ),
     )
+    lora_add_in_place: bool = Field(
+        True,
+        description=(
+            "Unsloth engine: add each LoRA adapter's product into its base layer's output in "
+            "place (addmm_) instead of Unsloth's out-of-place addmm, which first copies the "
+            "whole output (one device-to-device copy per LoRA layer and call: 523 per step, "
+            "51 ms of ~1,000, at 7B, batch 32, 448 px on an H100, docs/benchmarks.md run 25). "
+            "The same sum in the same GEMM. Inside torch.compile'd code Unsloth's own add runs. "
+            "false keeps Unsloth's."
+        ),
+    )
     cuda_graphs: bool = Field(
         False,
         description=(

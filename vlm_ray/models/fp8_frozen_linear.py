@@ -110,7 +110,10 @@ def _scaled_mm(
 
 
 class _Float8FrozenMatmul(torch.autograd.Function):
-    """x @ W.T with W frozen in float8: float8 forward and input gradient, no weight gradient."""
+    """x @ W.T with W frozen in float8: float8 forward and input gradient, no weight gradient.
+
+    x is 2-D: the caller reshapes outside, so that the output is no view made inside a custom
+    Function (autograd forbids changing those in place; train.lora_add_in_place does)."""
 
     @staticmethod
     def forward(
@@ -118,24 +121,22 @@ class _Float8FrozenMatmul(torch.autograd.Function):
     ) -> Any:
         ctx.save_for_backward(weight, scale)
         ctx.rowwise = rowwise
-        xq, x_scale = quantize_activation(x.reshape(-1, x.shape[-1]), E4M3, rowwise)
+        xq, x_scale = quantize_activation(x, E4M3, rowwise)
         # weight.t(): (in, out), column-major, what _scaled_mm wants on the right; fast
         # accumulation in the forward only, as torchao's float8 training does.
-        out = _scaled_mm(xq, x_scale, weight.t(), scale, x.dtype, fast_accum=True)
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        return _scaled_mm(xq, x_scale, weight.t(), scale, x.dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         weight, scale = ctx.saved_tensors
-        rows = grad_out.reshape(-1, grad_out.shape[-1])
-        gq, g_scale = quantize_activation(rows, E5M2, ctx.rowwise)
+        gq, g_scale = quantize_activation(grad_out, E5M2, ctx.rowwise)
         # (out, in) column-major for the right operand: a transposed copy, one byte per weight,
         # made here rather than kept (it would double the weights' memory).
         weight_cm = weight.t().contiguous().t()
         grad_x = _scaled_mm(gq, g_scale, weight_cm, scale, grad_out.dtype, fast_accum=False)
-        return grad_x.reshape(*grad_out.shape[:-1], weight.shape[1]), None, None, None
+        return grad_x, None, None, None
 
 
 class Float8Weight(torch.nn.Module):
@@ -181,7 +182,9 @@ class Float8FrozenLinear(Float8Weight):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _Float8FrozenMatmul.apply(x, self.weight, self.weight_scale.float(), self.rowwise)
+        rows = x.reshape(-1, x.shape[-1])
+        out = _Float8FrozenMatmul.apply(rows, self.weight, self.weight_scale.float(), self.rowwise)
+        out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
