@@ -35,7 +35,8 @@ _PATCHED_MARK = "_vlm_ray_lora_add_in_place"
 
 @dataclass
 class LoraAddCount:
-    """How many LoRA products were added in place, and how many went to the original forward."""
+    """How many LoRA products were added in place, and how many (outside compiled code) went to
+    the original forward."""
 
     in_place: int = 0
     fallback: int = 0
@@ -64,7 +65,10 @@ def make_lora_forward_in_place(original: LoraForward, count: LoraAddCount) -> Lo
         x: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
-        if torch.compiler.is_compiling() or not can_add_in_place(result):
+        if torch.compiler.is_compiling():
+            # Not counted: Dynamo would guard on the counter's value and recompile per call.
+            return original(result, lora_A, lora_B, dropout, x, scaling)
+        if not can_add_in_place(result):
             count.fallback += 1
             return original(result, lora_A, lora_B, dropout, x, scaling)
         dtype = result.dtype
