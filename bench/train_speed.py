@@ -750,10 +750,16 @@ def mode_stage(a, model_dir: Path) -> dict:
                 # compares numerics (train.fp8 against bf16), not only speed
                 "train_loss": summary["train_loss"],
                 # train.host_input_embedding: proof the rows came with the batch in every step;
-                # train.fp8: how many base layers ran as float8 GEMMs
+                # train.fp8: how many base layers ran as float8 GEMMs; the label span's cut
+                # forwards; train.lora_add_without_copy: how many eager LoRA adds were in place
                 **{
                     k: summary[k]
-                    for k in ("host_input_embedding", "fp8_base_layers")
+                    for k in (
+                        "host_input_embedding",
+                        "fp8_base_layers",
+                        "label_span_logits",
+                        "lora_add_without_copy",
+                    )
                     if k in summary
                 },
                 **checkpointing.summary(),

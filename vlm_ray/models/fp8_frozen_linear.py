@@ -113,7 +113,7 @@ class _Float8FrozenMatmul(torch.autograd.Function):
     """x @ W.T with W frozen in float8: float8 forward and input gradient, no weight gradient.
 
     x is 2-D: the caller reshapes outside, so that the output is no view made inside a custom
-    Function (autograd forbids changing those in place; train.lora_add_in_place does)."""
+    Function (autograd forbids changing those in place; train.lora_add_without_copy does)."""
 
     @staticmethod
     def forward(

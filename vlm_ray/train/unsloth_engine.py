@@ -40,7 +40,7 @@ from vlm_ray.models.host_input_embedding import (
     move_input_embedding_to_host,
     with_host_embedding_lookup,
 )
-from vlm_ray.models.lora_add_in_place import lora_add_counts, set_lora_add_in_place
+from vlm_ray.models.lora_add_without_copy import lora_add_counts, set_lora_add_without_copy
 from vlm_ray.models.packed_vision_attention import enable_packed_vision_attention
 from vlm_ray.models.remote_code import check_remote_code
 from vlm_ray.models.resolve import resolve_model_path
@@ -241,8 +241,8 @@ def train_unsloth(
         store.uri,
     )
     model, processor = load_unsloth_model(spec, model_path)
-    lora_add = set_lora_add_in_place(
-        spec.train.lora_add_in_place and not spec.model.full_finetuning
+    lora_add = set_lora_add_without_copy(
+        spec.train.lora_add_without_copy and not spec.model.full_finetuning
     )
     host = move_input_embedding_to_host(model) if spec.train.host_input_embedding else None
     collator = build_unsloth_collator(spec, model, processor, family)

@@ -1,11 +1,13 @@
-"""train.lora_add_in_place (vlm_ray/models/lora_add_in_place.py): LoRA's product is added into the
-base layer's output buffer, with the same values and gradients as Unsloth's out-of-place addmm,
-and falls back to that addmm wherever autograd forbids the in-place change.
+"""train.lora_add_without_copy (vlm_ray/models/lora_add_without_copy.py): in eager code LoRA's
+product is added into the base layer's output buffer, with the same values and gradients as
+Unsloth's out-of-place addmm, falling back to that addmm wherever autograd forbids the in-place
+change; in code torch.compile traces it is a matmul and an add, with no addmm of the output and
+no recompiling.
 
 Unsloth cannot run on CPU, so its forward's add is stood in for by `unsloth_lora_forward` below:
 COMPILED_LORA_FORWARD's arithmetic (unsloth_zoo 2026.10.7, torch >= 2.10), the same operands in
 the same order. The switch of Unsloth's patched PEFT forward is checked on the GPU
-(tests/test_lora_add_in_place_gpu.py).
+(tests/test_lora_add_without_copy_gpu.py).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear
-from vlm_ray.models.lora_add_in_place import (
+from vlm_ray.models.lora_add_without_copy import (
     LoraAddCount,
     lora_add_counts,
-    make_lora_forward_in_place,
-    set_lora_add_in_place,
+    make_lora_forward_without_copy,
+    set_lora_add_without_copy,
 )
 
 
@@ -99,7 +101,7 @@ def test_the_in_place_add_gives_unsloths_output_and_gradients_in_the_base_output
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
     grad = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(3))
     count = LoraAddCount()
-    in_place = make_lora_forward_in_place(unsloth_lora_forward, count)
+    in_place = make_lora_forward_without_copy(unsloth_lora_forward, count)
 
     _, expected, expected_grads = forward_and_grads(layer, unsloth_lora_forward, x, grad)
     result, out, grads = forward_and_grads(layer, in_place, x, grad)
@@ -115,7 +117,7 @@ def test_a_lora_B_bias_is_added_scaled_as_unsloth_adds_it():
     layer = lora_layer(frozen_base(48, 64, bias=True))
     layer.lora_B["default"].bias = torch.nn.Parameter(torch.randn(48))
     x, grad = torch.randn(4, 64), torch.randn(4, 48)
-    in_place = make_lora_forward_in_place(unsloth_lora_forward, LoraAddCount())
+    in_place = make_lora_forward_without_copy(unsloth_lora_forward, LoraAddCount())
 
     _, expected, _ = forward_and_grads(layer, unsloth_lora_forward, x, grad)
     _, out, _ = forward_and_grads(layer, in_place, x, grad)
@@ -129,7 +131,7 @@ def test_tensors_autograd_forbids_changing_or_that_are_not_contiguous_take_unslo
     s = layer.scaling["default"]
     x = torch.randn(6, 64)
     count = LoraAddCount()
-    in_place = make_lora_forward_in_place(unsloth_lora_forward, count)
+    in_place = make_lora_forward_without_copy(unsloth_lora_forward, count)
 
     leaf = torch.randn(6, 48, requires_grad=True)
     out = in_place(leaf, a, b, drop, x, s)
@@ -146,7 +148,7 @@ def test_tensors_autograd_forbids_changing_or_that_are_not_contiguous_take_unslo
 def test_under_inference_mode_the_add_is_in_place_too():
     layer = lora_layer(frozen_base(48, 64, bias=True))
     count = LoraAddCount()
-    in_place = make_lora_forward_in_place(unsloth_lora_forward, count)
+    in_place = make_lora_forward_without_copy(unsloth_lora_forward, count)
     with torch.inference_mode():
         x = torch.randn(2, 64)
         result = layer.base_layer(x)
@@ -158,12 +160,79 @@ def test_under_inference_mode_the_add_is_in_place_too():
 
 def test_without_unsloths_patched_peft_forward_the_switch_changes_nothing(caplog):
     forward_before = LoraLinear.forward
-    with caplog.at_level(logging.WARNING, logger="vlm_ray.models.lora_add_in_place"):
-        assert set_lora_add_in_place(True) is None
+    with caplog.at_level(logging.WARNING, logger="vlm_ray.models.lora_add_without_copy"):
+        assert set_lora_add_without_copy(True) is None
     assert LoraLinear.forward is forward_before
     assert "not Unsloth's" in caplog.text
-    assert set_lora_add_in_place(False) is None
+    assert set_lora_add_without_copy(False) is None
     assert lora_add_counts(None) == {}
     assert lora_add_counts(LoraAddCount(3, 1)) == {
-        "lora_add_in_place": {"in_place": 3, "fallback": 1}
+        "lora_add_without_copy": {"in_place": 3, "fallback": 1}
     }
+
+
+def compiled_lora_layer_forward(layer: LoraLinear, lora_forward):
+    """Unsloth's forward for one adapter (base layer, then lora_forward) under torch.compile on
+    CPU (aot_eager: Dynamo and AOTAutograd, no code generated): the callable, the ATen forward
+    graphs AOTAutograd made, and how many graphs Dynamo compiled."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(gm: torch.fx.GraphModule, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    a, b, drop = layer.lora_A["default"], layer.lora_B["default"], layer.lora_dropout["default"]
+    s = layer.scaling["default"]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return lora_forward(layer.base_layer(x), a, b, drop, x, s)
+
+    torch._dynamo.reset()
+
+    def backward(gm: torch.fx.GraphModule, _inputs):
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=backward)
+    return torch.compile(forward, backend=backend, dynamic=False), graphs
+
+
+def aten_ops(graph: torch.fx.GraphModule) -> set[str]:
+    return {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+
+
+def test_traced_it_is_a_matmul_and_an_add_that_compile_once_and_match_unsloths():
+    layer = lora_layer(frozen_base(48, 64, bias=False))
+    count = LoraAddCount()
+    forward, graphs = compiled_lora_layer_forward(
+        layer, make_lora_forward_without_copy(unsloth_lora_forward, count)
+    )
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x = torch.randn(4, 6, 64, generator=g)
+        grad = torch.randn(4, 6, 48, generator=g)
+        _, expected, expected_grads = forward_and_grads(layer, unsloth_lora_forward, x, grad)
+        x = x.requires_grad_(True)
+        out = forward(x)
+        grads = torch.autograd.grad(
+            out, (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight), grad
+        )
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    assert len(graphs) == 1  # compiled once: nothing it reads changes between calls
+    ops = aten_ops(graphs[0])
+    assert "aten.addmm.default" not in ops, ops  # Inductor would copy the base output for one
+    assert {"aten.mm.default", "aten.add.Tensor"} <= ops
+    assert count.as_dict() == {"in_place": 0, "fallback": 0}  # eager calls only
+
+
+def test_traced_unsloths_own_add_is_the_addmm_that_copies():
+    # The contrast that makes the test above mean something: the same trace of Unsloth's add.
+    layer = lora_layer(frozen_base(48, 64, bias=False))
+    forward, graphs = compiled_lora_layer_forward(layer, unsloth_lora_forward)
+    forward(torch.randn(4, 6, 64, requires_grad=True))
+    assert "aten.addmm.default" in aten_ops(graphs[0])

@@ -1,0 +1,155 @@
+"""LoRA's product added to its base layer's output without first copying that output
+(spec train.lora_add_without_copy).
+
+Why: Unsloth's PEFT forward (unsloth_zoo.compiler's COMPILED_LORA_FORWARD) adds the adapter's
+product with one out-of-place `torch.addmm(result, xA, B.T, beta=1)`. cuBLAS reads the summand
+from the output buffer, so ATen first copies `result` into a fresh output: a device-to-device
+copy of the layer's whole output per LoRA layer and call. Inductor does the same inside compiled
+code: it runs such an addmm as an extern kernel (at::addmm_out), and unfuses only a bias-like
+(broadcast) summand into a pointwise add. At 7B, batch 32, 448 px, run 25's profile counted 523
+device-to-device copies per step, 51 ms of the ~1,000 ms step (docs/benchmarks.md); every
+language layer's q/k/v/o/gate/up/down output and every vision layer's would be one.
+
+How, in the two places Unsloth's forward runs:
+- eager code: `result` is a fresh tensor that nothing else reads (the base GEMM saves its input
+  for the backward, not its output), so `result.addmm_(xA, B.T, alpha=scaling)` gives the same
+  sum in the same cuBLAS call, without the copy. Where autograd forbids that (a leaf that needs
+  gradients, an inference tensor outside inference mode) or the output is not contiguous,
+  Unsloth's own lora_forward runs.
+- code that torch.compile traces (Unsloth compiles its decoder layers and vision blocks with
+  their LoRA layers inside): `result + (scaling * xA) @ B.T`, a matmul and a pointwise add,
+  which Inductor fuses into the add's consumer (the rotary embedding, SiLU times up, the
+  residual add). The scaling goes on the narrow (tokens, r) factor, so the backward scales no
+  full-width gradient either.
+
+Measured (run 26, one H100, 7B, batch 32): with the eager half only, 32.13 samples/s against
+Unsloth's add at 32.34, no gain: at that shape Dynamo traces nearly every LoRA call (a counter
+that Dynamo guarded on made it recompile per call). The traced half is not measured yet, so the
+spec leaves this off.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+LoraForward = Callable[..., torch.Tensor]
+
+_PATCHED_MARK = "_vlm_ray_lora_add_without_copy"
+
+
+@dataclass
+class LoraAddCount:
+    """Eager calls only (Dynamo would guard on a counter it saw change, and recompile per
+    call): how many added in place, how many went to Unsloth's forward instead."""
+
+    in_place: int = 0
+    fallback: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"in_place": self.in_place, "fallback": self.fallback}
+
+
+def can_add_in_place(result: torch.Tensor) -> bool:
+    """Whether autograd lets `result` be changed in place and it can be viewed as (rows, out)."""
+    if result.is_leaf and result.requires_grad:
+        return False  # autograd refuses in-place changes to a leaf that requires grad
+    if torch.is_inference(result) and not torch.is_inference_mode_enabled():
+        return False  # an inference tensor cannot be changed outside inference mode
+    return result.is_contiguous()
+
+
+def lora_add_traced(
+    result: torch.Tensor, lora_A: Any, lora_B: Any, dropout: Any, x: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """result + scaling * (x A^T) B^T as a matmul and a pointwise add, for Inductor to fuse the
+    add into its consumer; an addmm it would run as an extern kernel that copies `result`."""
+    dtype = result.dtype
+    xA = dropout(x).to(dtype) @ lora_A.weight.to(dtype).t()
+    output = result + (xA * scaling) @ lora_B.weight.to(dtype).t()
+    if lora_B.bias is not None:
+        output = output + lora_B.bias.to(dtype) * scaling
+    return output
+
+
+def make_lora_forward_without_copy(original: LoraForward, count: LoraAddCount) -> LoraForward:
+    """A lora_forward with Unsloth's signature: traced, lora_add_traced; eager, the in-place add
+    where can_add_in_place, else `original`."""
+
+    def lora_forward(
+        result: torch.Tensor,
+        lora_A: Any,
+        lora_B: Any,
+        dropout: Any,
+        x: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return lora_add_traced(result, lora_A, lora_B, dropout, x, scaling)
+        if not can_add_in_place(result):
+            count.fallback += 1
+            return original(result, lora_A, lora_B, dropout, x, scaling)
+        dtype = result.dtype
+        # the same operands, in the same dtype, as Unsloth's lora_forward
+        xA = dropout(x).to(dtype) @ lora_A.weight.to(dtype).t()
+        result.view(-1, result.shape[-1]).addmm_(
+            xA.view(-1, xA.shape[-1]), lora_B.weight.to(dtype).t(), alpha=scaling
+        )
+        count.in_place += 1
+        bias = lora_B.bias
+        if bias is not None:
+            return torch.add(result, bias.to(dtype), alpha=scaling)
+        return result
+
+    setattr(lora_forward, _PATCHED_MARK, original)
+    return lora_forward
+
+
+def _unsloth_lora_forward_globals() -> dict[str, Any] | None:
+    """The module namespace where Unsloth's patched PEFT Linear.forward looks up lora_forward."""
+    layer = sys.modules.get("peft.tuners.lora.layer")
+    forward = getattr(getattr(layer, "Linear", None), "forward", None)
+    if getattr(forward, "__name__", None) != "unsloth_forward":
+        return None
+    namespace = forward.__globals__
+    return namespace if callable(namespace.get("lora_forward")) else None
+
+
+def set_lora_add_without_copy(enabled: bool) -> LoraAddCount | None:
+    """Switch Unsloth's PEFT Linear forward to the add without a copy (or back); its counts, or
+    None when off.
+
+    Process-wide, like Unsloth's own patch: every PEFT LoRA Linear goes through the one
+    lora_forward. None (with a warning when enabling) where Unsloth has not patched PEFT.
+    """
+    namespace = _unsloth_lora_forward_globals()
+    if namespace is None:
+        if enabled:
+            log.warning(
+                "train.lora_add_without_copy: PEFT's Linear.forward is not Unsloth's; left as it is"
+            )
+        return None
+    current = namespace["lora_forward"]
+    original = getattr(current, _PATCHED_MARK, current)
+    if not enabled:
+        namespace["lora_forward"] = original
+        return None
+    count = LoraAddCount()
+    namespace["lora_forward"] = make_lora_forward_without_copy(original, count)
+    log.info(
+        "train.lora_add_without_copy: LoRA products are added in place in eager code and as "
+        "fusable adds in compiled code"
+    )
+    return count
+
+
+def lora_add_counts(count: LoraAddCount | None) -> dict[str, Any]:
+    """The run summary's entry: {} when the add without a copy was off."""
+    return {} if count is None else {"lora_add_without_copy": count.as_dict()}
