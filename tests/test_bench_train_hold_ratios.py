@@ -91,3 +91,14 @@ def test_training_run_25s_raw_files_give_the_ratios_and_clocks_docs_benchmarks_q
     # the default setup; and fc1/fc2 in float8 too, 0.6% faster at a 13% higher clock
     assert "| 32 | 31.545 | 31.95 | 69.54 | 58.7% | 2.95 | 2.77 | 1740 |" in table
     assert "| 32 | 31.741 | 32.24 | 69.15 | 59.0% | 2.97 | 2.80 | 1965 |" in table
+
+
+def test_training_run_26s_second_hold_gives_the_ratios_and_clocks_docs_benchmarks_quotes():
+    paths = [REPO / f"bench/results/train/run26{x}/r/train_7b.json" for x in "bc"]
+    table = markdown(read_rows(paths))
+    assert (
+        "Fastest HF row: hf[bs64] at batch 64, 11.782 samples/s (12.21 by its median step)" in table
+    )
+    # LoRA's add in place in eager code, then Unsloth's own add: no gain
+    assert "| 32 | 32.127 | 32.40 | 69.54 | 59.8% | 2.73 | 2.65 | 1935 |" in table
+    assert "| 32 | 32.339 | 32.64 | 69.54 | 60.2% | 2.74 | 2.67 | 1800 |" in table
