@@ -45,10 +45,11 @@ def unsloth_lora_forward(result, lora_A, lora_B, dropout, x, scaling):
     return output
 
 
-def lora_layer(base: torch.nn.Module, seed: int = 0) -> LoraLinear:
-    """A PEFT LoRA layer (r=8, alpha=16) over `base`, with a nonzero B (PEFT starts it at zero)."""
-    config = LoraConfig(r=8, lora_alpha=16)
-    layer = LoraLinear(base, adapter_name="default", config=config, r=8, lora_alpha=16)
+def lora_layer(base: torch.nn.Module, seed: int = 0, alpha: int = 16) -> LoraLinear:
+    """A PEFT LoRA layer (r=8, scaling alpha/8) over `base`, with a nonzero B (PEFT starts it
+    at zero)."""
+    config = LoraConfig(r=8, lora_alpha=alpha)
+    layer = LoraLinear(base, adapter_name="default", config=config, r=8, lora_alpha=alpha)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         b = layer.lora_B["default"].weight
@@ -203,8 +204,9 @@ def aten_ops(graph: torch.fx.GraphModule) -> set[str]:
     return {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
 
 
-def test_traced_it_is_a_matmul_and_an_add_that_compile_once_and_match_unsloths():
-    layer = lora_layer(frozen_base(48, 64, bias=False))
+@pytest.mark.parametrize("alpha", [16, 8])
+def test_traced_it_is_a_matmul_and_an_add_that_compile_once_and_match_unsloths(alpha: int):
+    layer = lora_layer(frozen_base(48, 64, bias=False), alpha=alpha)
     count = LoraAddCount()
     forward, graphs = compiled_lora_layer_forward(
         layer, make_lora_forward_without_copy(unsloth_lora_forward, count)
@@ -227,6 +229,8 @@ def test_traced_it_is_a_matmul_and_an_add_that_compile_once_and_match_unsloths()
     ops = aten_ops(graphs[0])
     assert "aten.addmm.default" not in ops, ops  # Inductor would copy the base output for one
     assert {"aten.mm.default", "aten.add.Tensor"} <= ops
+    # scaling 1 (lora_alpha == r) spends no kernel on scaling
+    assert ("aten.mul.Tensor" in ops) == (layer.scaling["default"] != 1)
     assert count.as_dict() == {"in_place": 0, "fallback": 0}  # eager calls only
 
 

@@ -73,7 +73,9 @@ def lora_add_traced(
     add into its consumer; an addmm it would run as an extern kernel that copies `result`."""
     dtype = result.dtype
     xA = dropout(x).to(dtype) @ lora_A.weight.to(dtype).t()
-    output = result + (xA * scaling) @ lora_B.weight.to(dtype).t()
+    if scaling != 1:  # a constant while tracing; at 1 (lora_alpha == r) no kernel is spent on it
+        xA = xA * scaling
+    output = result + xA @ lora_B.weight.to(dtype).t()
     if lora_B.bias is not None:
         output = output + lora_B.bias.to(dtype) * scaling
     return output
