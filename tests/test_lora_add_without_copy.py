@@ -164,7 +164,7 @@ def test_without_unsloths_patched_peft_forward_the_switch_changes_nothing(caplog
     with caplog.at_level(logging.WARNING, logger="vlm_ray.models.lora_add_without_copy"):
         assert set_lora_add_without_copy(True) is None
     assert LoraLinear.forward is forward_before
-    assert "not Unsloth's" in caplog.text
+    assert "are not Unsloth's" in caplog.text
     assert set_lora_add_without_copy(False) is None
     assert lora_add_counts(None) == {}
     assert lora_add_counts(LoraAddCount(3, 1)) == {

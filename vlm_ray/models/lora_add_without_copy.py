@@ -114,41 +114,62 @@ def make_lora_forward_without_copy(original: LoraForward, count: LoraAddCount) -
     return lora_forward
 
 
-def _unsloth_lora_forward_globals() -> dict[str, Any] | None:
-    """The module namespace where Unsloth's patched PEFT Linear.forward looks up lora_forward."""
+def _lora_layer_classes() -> list[type]:
+    """Every imported PEFT LoRA layer class (Linear, bitsandbytes' Linear4bit/8bitLt, ...)."""
     layer = sys.modules.get("peft.tuners.lora.layer")
-    forward = getattr(getattr(layer, "Linear", None), "forward", None)
-    if getattr(forward, "__name__", None) != "unsloth_forward":
-        return None
-    namespace = forward.__globals__
-    return namespace if callable(namespace.get("lora_forward")) else None
+    if layer is None:
+        return []
+    found, todo = [], [layer.LoraLayer]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return found
+
+
+def _unsloth_lora_forward_namespaces() -> list[dict[str, Any]]:
+    """The module namespaces where Unsloth's patched PEFT forwards look up lora_forward: one per
+    LoRA layer class Unsloth rewrote (16-bit Linear, 4-bit, 8-bit each get their own module)."""
+    namespaces: dict[int, dict[str, Any]] = {}
+    for cls in _lora_layer_classes():
+        forward = cls.__dict__.get("forward")
+        if getattr(forward, "__name__", None) != "unsloth_forward":
+            continue
+        namespace = forward.__globals__
+        if callable(namespace.get("lora_forward")):
+            namespaces[id(namespace)] = namespace
+    return list(namespaces.values())
 
 
 def set_lora_add_without_copy(enabled: bool) -> LoraAddCount | None:
-    """Switch Unsloth's PEFT Linear forward to the add without a copy (or back); its counts, or
+    """Switch Unsloth's PEFT LoRA forwards to the add without a copy (or back); its counts, or
     None when off.
 
-    Process-wide, like Unsloth's own patch: every PEFT LoRA Linear goes through the one
-    lora_forward. None (with a warning when enabling) where Unsloth has not patched PEFT.
+    Process-wide, like Unsloth's own patch: every PEFT LoRA layer of a class Unsloth rewrote
+    goes through that class's lora_forward. None (with a warning when enabling) where Unsloth
+    has not patched PEFT.
     """
-    namespace = _unsloth_lora_forward_globals()
-    if namespace is None:
+    namespaces = _unsloth_lora_forward_namespaces()
+    if not namespaces:
         if enabled:
             log.warning(
-                "train.lora_add_without_copy: PEFT's Linear.forward is not Unsloth's; left as it is"
+                "train.lora_add_without_copy: PEFT's LoRA forwards are not Unsloth's; left as "
+                "they are"
             )
         return None
-    current = namespace["lora_forward"]
-    original = getattr(current, _PATCHED_MARK, current)
-    if not enabled:
-        namespace["lora_forward"] = original
-        return None
-    count = LoraAddCount()
-    namespace["lora_forward"] = make_lora_forward_without_copy(original, count)
-    log.info(
-        "train.lora_add_without_copy: LoRA products are added in place in eager code and as "
-        "fusable adds in compiled code"
-    )
+    count = LoraAddCount() if enabled else None
+    for namespace in namespaces:
+        current = namespace["lora_forward"]
+        original = getattr(current, _PATCHED_MARK, current)
+        namespace["lora_forward"] = (
+            make_lora_forward_without_copy(original, count) if count is not None else original
+        )
+    if count is not None:
+        log.info(
+            "train.lora_add_without_copy: LoRA products are added in place in eager code and as "
+            "fusable adds in compiled code (%d LoRA layer classes)",
+            len(namespaces),
+        )
     return count
 
 
