@@ -146,6 +146,52 @@ def test_tensors_autograd_forbids_changing_or_that_are_not_contiguous_take_unslo
     torch.testing.assert_close(out, unsloth_lora_forward(before, a, b, drop, x, s))
 
 
+class _ReshapedInside(torch.autograd.Function):
+    """x @ W.T reshaped to 3-D before it is returned, as bitsandbytes' 8-bit matmul does: a view
+    made inside a custom Function, which autograd forbids changing in place."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return (x.reshape(-1, x.shape[-1]) @ weight.t()).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None
+
+
+def test_a_view_made_inside_a_custom_function_takes_unsloths_add_instead_of_failing():
+    layer = lora_layer(frozen_base(48, 64, bias=False))
+    a, b, drop = layer.lora_A["default"], layer.lora_B["default"], layer.lora_dropout["default"]
+    s = layer.scaling["default"]
+    count = LoraAddCount()
+    in_place = make_lora_forward_without_copy(unsloth_lora_forward, count)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+
+    result = _ReshapedInside.apply(x, layer.base_layer.weight)
+    out = in_place(result, a, b, drop, x, s)
+    out.sum().backward()
+
+    assert count.as_dict() == {"in_place": 0, "fallback": 1}
+    expected = unsloth_lora_forward(result.detach(), a, b, drop, x.detach(), s)
+    torch.testing.assert_close(out.detach(), expected)
+
+
+def test_with_gradients_off_even_a_view_is_added_in_place():
+    # reentrant checkpointing's first forward runs under no_grad: nothing is recorded there
+    layer = lora_layer(frozen_base(48, 64, bias=False))
+    count = LoraAddCount()
+    in_place = make_lora_forward_without_copy(unsloth_lora_forward, count)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64)
+        result = _ReshapedInside.apply(x, layer.base_layer.weight)
+        args = (layer.lora_A["default"], layer.lora_B["default"], layer.lora_dropout["default"])
+        out = in_place(result, *args, x, layer.scaling["default"])
+    assert out.data_ptr() == result.data_ptr()
+    assert count.in_place == 1
+
+
 def test_under_inference_mode_the_add_is_in_place_too():
     layer = lora_layer(frozen_base(48, 64, bias=True))
     count = LoraAddCount()

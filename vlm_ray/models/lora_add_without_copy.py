@@ -59,11 +59,23 @@ class LoraAddCount:
 
 def can_add_in_place(result: torch.Tensor) -> bool:
     """Whether autograd lets `result` be changed in place and it can be viewed as (rows, out)."""
-    if result.is_leaf and result.requires_grad:
-        return False  # autograd refuses in-place changes to a leaf that requires grad
+    if not result.is_contiguous():
+        return False
     if torch.is_inference(result) and not torch.is_inference_mode_enabled():
         return False  # an inference tensor cannot be changed outside inference mode
-    return result.is_contiguous()
+    if not torch.is_grad_enabled() and not result.requires_grad:
+        return True  # nothing is recorded (e.g. the first forward under reentrant checkpointing)
+    if result.is_leaf and result.requires_grad:
+        return False  # autograd refuses in-place changes to a leaf that requires grad
+    if result._is_view():
+        # Autograd refuses in-place changes to a view made inside a custom Function, e.g. the
+        # output bitsandbytes' 8-bit matmul reshapes before returning it.
+        creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
+        return (
+            creation_meta is not None
+            and creation_meta(result) == torch._C._autograd.CreationMeta.DEFAULT
+        )
+    return True
 
 
 def lora_add_traced(
