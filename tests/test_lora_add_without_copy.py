@@ -4,9 +4,10 @@ Unsloth's out-of-place addmm, falling back to that addmm wherever autograd forbi
 change; in code torch.compile traces it is a matmul and an add, with no addmm of the output and
 no recompiling.
 
-Unsloth cannot run on CPU, so its forward's add is stood in for by `unsloth_lora_forward` below:
-COMPILED_LORA_FORWARD's arithmetic (unsloth_zoo 2026.10.7, torch >= 2.10), the same operands in
-the same order. The switch of Unsloth's patched PEFT forward is checked on the GPU
+Unsloth cannot run on CPU, so its forward's add is stood in for by bench/lora_add.py's
+`unsloth_lora_forward`: COMPILED_LORA_FORWARD's arithmetic (unsloth_zoo 2026.10.7, torch >= 2.10),
+the same operands in the same order. What Inductor makes of both is checked by
+tests/test_bench_lora_add.py. The switch of Unsloth's patched PEFT forward is checked on the GPU
 (tests/test_lora_add_without_copy_gpu.py).
 """
 
@@ -19,6 +20,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+from bench.lora_add import unsloth_lora_forward
 from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear
 from vlm_ray.models.lora_add_without_copy import (
     LoraAddCount,
@@ -26,23 +28,6 @@ from vlm_ray.models.lora_add_without_copy import (
     make_lora_forward_without_copy,
     set_lora_add_without_copy,
 )
-
-
-def unsloth_lora_forward(result, lora_A, lora_B, dropout, x, scaling):
-    """Unsloth's lora_forward: result + scaling * (x A^T) B^T as one out-of-place addmm."""
-    dtype = result.dtype
-    xA = dropout(x).to(dtype) @ lora_A.weight.to(dtype).t()
-    shape = result.shape
-    output = torch.addmm(
-        result.view(-1, shape[-1]),
-        xA.view(-1, xA.shape[-1]),
-        lora_B.weight.to(dtype).t(),
-        alpha=scaling,
-        beta=1,
-    ).view(shape)
-    if lora_B.bias is not None:
-        output = torch.add(output, lora_B.bias.to(dtype), alpha=scaling)
-    return output
 
 
 def lora_layer(base: torch.nn.Module, seed: int = 0, alpha: int = 16) -> LoraLinear:
@@ -250,8 +235,11 @@ def aten_ops(graph: torch.fx.GraphModule) -> set[str]:
     return {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
 
 
+@pytest.mark.parametrize("rows", [(4, 6), (24,)], ids=["tokens 3-D", "patches 2-D"])
 @pytest.mark.parametrize("alpha", [16, 8])
-def test_traced_it_is_a_matmul_and_an_add_that_compile_once_and_match_unsloths(alpha: int):
+def test_traced_it_is_a_matmul_and_an_add_that_compile_once_and_match_unsloths(
+    alpha: int, rows: tuple[int, ...]
+):
     layer = lora_layer(frozen_base(48, 64, bias=False), alpha=alpha)
     count = LoraAddCount()
     forward, graphs = compiled_lora_layer_forward(
@@ -259,8 +247,8 @@ def test_traced_it_is_a_matmul_and_an_add_that_compile_once_and_match_unsloths(a
     )
     g = torch.Generator().manual_seed(4)
     for _ in range(3):
-        x = torch.randn(4, 6, 64, generator=g)
-        grad = torch.randn(4, 6, 48, generator=g)
+        x = torch.randn(*rows, 64, generator=g)
+        grad = torch.randn(*rows, 48, generator=g)
         _, expected, expected_grads = forward_and_grads(layer, unsloth_lora_forward, x, grad)
         x = x.requires_grad_(True)
         out = forward(x)

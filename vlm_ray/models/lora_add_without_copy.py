@@ -20,7 +20,9 @@ How, in the two places Unsloth's forward runs:
   their LoRA layers inside): `result + (scaling * xA) @ B.T`, a matmul and a pointwise add,
   which Inductor fuses into the add's consumer (the rotary embedding, SiLU times up, the
   residual add). The scaling goes on the narrow (tokens, r) factor, so the backward scales no
-  full-width gradient either.
+  full-width gradient either. A 2-D sum is made in 3-D: Inductor's post-grad passes rewrite
+  "2-D tensor + mm" into addmm, the copy again (bench/lora_add.py reports whether the compiled
+  forward calls addmm).
 
 Measured (run 26, one H100, 7B, batch 32): with the eager half only, 32.13 samples/s against
 Unsloth's add at 32.34, no gain: at that shape Dynamo traces nearly every LoRA call (a counter
@@ -87,7 +89,14 @@ def lora_add_traced(
     xA = dropout(x).to(dtype) @ lora_A.weight.to(dtype).t()
     if scaling != 1:  # a constant while tracing; at 1 (lora_alpha == r) no kernel is spent on it
         xA = xA * scaling
-    output = result + xA @ lora_B.weight.to(dtype).t()
+    b_t = lora_B.weight.to(dtype).t()
+    if result.dim() == 2:
+        # Inductor rewrites "2-D tensor + mm(a, b)" back into the copying addmm (its post-grad
+        # addmm pattern); in 3-D the matmul's view keeps the add apart (the vision tower's
+        # patches are 2-D, the language model's tokens 3-D).
+        output = (result.unsqueeze(0) + xA.unsqueeze(0) @ b_t).squeeze(0)
+    else:
+        output = result + xA @ b_t
     if lora_B.bias is not None:
         output = output + lora_B.bias.to(dtype) * scaling
     return output
