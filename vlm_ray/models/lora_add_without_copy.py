@@ -14,10 +14,10 @@ How, in the two places Unsloth's forward runs:
 - eager code: `result` is a fresh tensor that nothing else reads (the base GEMM saves its input
   for the backward, not its output), so `result.addmm_(xA, B.T, alpha=scaling)` gives the same
   sum in the same cuBLAS call, without the copy. Where autograd forbids that (a leaf that needs
-  gradients, an inference tensor outside inference mode) or the output is not contiguous,
-  Unsloth's own lora_forward runs.
-- code that torch.compile traces (Unsloth compiles its decoder layers and vision blocks with
-  their LoRA layers inside): `result + (scaling * xA) @ B.T`, a matmul and a pointwise add,
+  gradients, an inference tensor outside inference mode, a view made inside a custom Function)
+  or the output is not contiguous, Unsloth's own lora_forward runs.
+- code that torch.compile traces (Unsloth compiles its modules with fullgraph=False, their
+  LoRA layers inside): `result + (scaling * xA) @ B.T`, a matmul and a pointwise add,
   which Inductor fuses into the add's consumer (the rotary embedding, SiLU times up, the
   residual add). The scaling goes on the narrow (tokens, r) factor, so the backward scales no
   full-width gradient either. A 2-D sum is made in 3-D: Inductor's post-grad passes rewrite
