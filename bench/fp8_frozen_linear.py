@@ -49,7 +49,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     """One row per shape (bf16 and both float8 scalings: ms and ratios) and the step total."""
     import torch
 
-    from bench.kernel_rows import wall_ms
+    from bench.kernel_rows import shape_fields, wall_ms
     from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear
 
     device = a.device
@@ -79,17 +79,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
             ms[f"fp8_{scaling}"] = wall_ms(_step(layer, x, grad), a.iters, device)
         for k, v in ms.items():
             totals[k] = totals.get(k, 0.0) + v * times
-        rows.append(
-            {
-                **common,
-                "row": name,
-                "in": d_in,
-                "out": d_out,
-                "tokens": tokens,
-                "per_step": times,
-                **_columns(ms, 3),
-            }
-        )
+        rows.append({**common, **shape_fields(name, d_in, d_out, tokens, times), **_columns(ms, 3)})
         del linear, x, grad
     total_row = "step total (base GEMMs, forward once + input gradient)"
     rows.append({**common, "row": total_row, **_columns(totals, 1)})
@@ -106,19 +96,18 @@ def _columns(ms: dict[str, float], digits: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     """A markdown table: ms per call for each shape and way, and the step total."""
+    from bench.kernel_rows import SHAPE_HEADER, shape_cells
+
     lines = [
-        "| shape | in x out | tokens | per step | bf16 ms | fp8 row ms | fp8 tensor ms "
-        "| bf16/fp8 row | bf16/fp8 tensor |",
+        SHAPE_HEADER + "| bf16 ms | fp8 row ms | fp8 tensor ms | bf16/fp8 row | bf16/fp8 tensor |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['row']} | {r['error']} | | | | | | | |")
             continue
-        dims = f"{r['in']} x {r['out']}" if "in" in r else ""
         lines.append(
-            f"| {r['row']} | {dims} | {r.get('tokens', '')} | {r.get('per_step', '')} "
-            f"| {r['bf16_ms']} | {r['fp8_row_ms']} | {r['fp8_tensor_ms']} "
+            shape_cells(r) + f"| {r['bf16_ms']} | {r['fp8_row_ms']} | {r['fp8_tensor_ms']} "
             f"| {r['speedup_row']} | {r['speedup_tensor']} |"
         )
     return "\n".join(lines)

@@ -26,6 +26,21 @@ def wall_ms(step: Callable[[], object], iters: int, device: str) -> float:
     return (time.perf_counter() - start) / iters * 1e3
 
 
+SHAPE_HEADER = "| shape | in x out | tokens | per step "
+
+
+def shape_fields(name: str, d_in: int, d_out: int, tokens: int, per_step: int) -> dict:
+    """A per-shape row's own fields, the ones shape_cells reads."""
+    return {"row": name, "in": d_in, "out": d_out, "tokens": tokens, "per_step": per_step}
+
+
+def shape_cells(row: dict) -> str:
+    """A per-shape table row's first four cells under SHAPE_HEADER: its name, in x out, tokens
+    and uses per step (the last three blank on a total row)."""
+    dims = f"{row['in']} x {row['out']}" if "in" in row else ""
+    return f"| {row['row']} | {dims} | {row.get('tokens', '')} | {row.get('per_step', '')} "
+
+
 def build_parser(
     doc: str, add_arguments: Callable[[argparse.ArgumentParser], None]
 ) -> argparse.ArgumentParser:

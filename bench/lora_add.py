@@ -98,7 +98,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     import torch
 
     from bench.fp8_frozen_linear import _SHAPES_7B
-    from bench.kernel_rows import wall_ms
+    from bench.kernel_rows import shape_fields, wall_ms
     from vlm_ray.models.lora_add_without_copy import LoraAddCount, make_lora_forward_without_copy
 
     device = a.device
@@ -143,11 +143,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
         rows.append(
             {
                 **common,
-                "row": name,
-                "in": d_in,
-                "out": d_out,
-                "tokens": tokens,
-                "per_step": times,
+                **shape_fields(name, d_in, d_out, tokens, times),
                 **_columns(ms, 3),
                 "addmm_in_unsloth_compiled": addmm["unsloth"],
                 "addmm_in_ours_compiled": addmm["ours"],
@@ -168,20 +164,21 @@ def _columns(ms: dict[str, float], digits: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     """A markdown table: ms per forward + backward for each shape and way, and the ratios."""
+    from bench.kernel_rows import SHAPE_HEADER, shape_cells
+
     lines = [
-        "| shape | in x out | tokens | per step | Unsloth eager | ours eager | Unsloth compiled "
-        "| ours compiled | eager × | compiled × | addmm in the compiled forward (Unsloth / ours) |",
+        SHAPE_HEADER + "| Unsloth eager | ours eager | Unsloth compiled | ours compiled "
+        "| eager × | compiled × | addmm in the compiled forward (Unsloth / ours) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        dims = f"{r['in']} x {r['out']}" if "in" in r else ""
         addmm = (
             f"{r['addmm_in_unsloth_compiled']} / {r['addmm_in_ours_compiled']}"
             if "addmm_in_ours_compiled" in r
             else ""
         )
         lines.append(
-            f"| {r['row']} | {dims} | {r.get('tokens', '')} | {r.get('per_step', '')} "
+            shape_cells(r)
             + "".join(f"| {r[f'{w}_ms']} " for w in WAYS)
             + f"| {r['speedup_eager']} | {r['speedup_compiled']} | {addmm} |"
         )
