@@ -50,7 +50,8 @@ _PATCHED_MARK = "_vlm_ray_lora_add_without_copy"
 @dataclass
 class LoraAddCount:
     """Eager calls only (Dynamo would guard on a counter it saw change, and recompile per
-    call): how many added in place, how many went to Unsloth's forward instead."""
+    call): how many added in place, how many went to Unsloth's forward instead. Under
+    train.cuda_graphs a replay runs no Python, so there only the captures are counted."""
 
     in_place: int = 0
     fallback: int = 0
