@@ -23,19 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-# (name, in, out, per layer, layers, rows per sample) at the 7B shape; rows per sample: the
-# language model sees ~320 tokens of a 448 px sample, the vision tower 1,024 patches.
-_SHAPES_7B = [
-    ("language q/o", 3584, 3584, 2, 28, 320),
-    ("language k/v", 3584, 512, 2, 28, 320),
-    ("language gate/up", 3584, 18944, 2, 28, 320),
-    ("language down", 18944, 3584, 1, 28, 320),
-    ("vision qkv", 1280, 3840, 1, 32, 1024),
-    ("vision proj", 1280, 1280, 1, 32, 1024),
-    ("vision fc1", 1280, 5120, 1, 32, 1024),
-    ("vision fc2", 5120, 1280, 1, 32, 1024),
-]
-
 
 def _step(layer, x, grad):
     def run():
@@ -49,7 +36,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     """One row per shape (bf16 and both float8 scalings: ms and ratios) and the step total."""
     import torch
 
-    from bench.kernel_rows import shape_fields, wall_ms
+    from bench.kernel_rows import LINEAR_SHAPES_7B, shape_fields, wall_ms
     from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear
 
     device = a.device
@@ -65,7 +52,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     rows: list[dict] = []
     totals: dict[str, float] = {}
-    for name, d_in, d_out, per_layer, layers, per_sample in _SHAPES_7B:
+    for name, d_in, d_out, per_layer, layers, per_sample in LINEAR_SHAPES_7B:
         d_in, d_out = max(16, d_in // a.scale), max(16, d_out // a.scale)
         tokens = a.batch * per_sample
         linear = torch.nn.Linear(d_in, d_out, bias=False, device=device, dtype=torch.bfloat16)

@@ -26,6 +26,20 @@ def wall_ms(step: Callable[[], object], iters: int, device: str) -> float:
     return (time.perf_counter() - start) / iters * 1e3
 
 
+# Qwen2-VL-7B's distinct linear shapes, which the per-shape pricing benches (fp8_frozen_linear.py,
+# lora_add.py) run: (name, in, out, per layer, layers, rows per sample); rows per sample: the
+# language model sees ~320 tokens of a 448 px sample, the vision tower 1,024 patches.
+LINEAR_SHAPES_7B = [
+    ("language q/o", 3584, 3584, 2, 28, 320),
+    ("language k/v", 3584, 512, 2, 28, 320),
+    ("language gate/up", 3584, 18944, 2, 28, 320),
+    ("language down", 18944, 3584, 1, 28, 320),
+    ("vision qkv", 1280, 3840, 1, 32, 1024),
+    ("vision proj", 1280, 1280, 1, 32, 1024),
+    ("vision fc1", 1280, 5120, 1, 32, 1024),
+    ("vision fc2", 5120, 1280, 1, 32, 1024),
+]
+
 SHAPE_HEADER = "| shape | in x out | tokens | per step "
 
 

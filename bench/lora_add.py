@@ -2,14 +2,14 @@
 (an out-of-place addmm that copies the base layer's output first) and with ours, eager and
 compiled, side by side at the 7B shapes and a large batch.
 
-One row per distinct linear shape of Qwen2-VL-7B (bench/fp8_frozen_linear.py's), run as a LoRA
-layer in a step: the frozen bf16 base GEMM, LoRA's A and B products (r=16, scaling 1, as the
+One row per distinct linear shape of Qwen2-VL-7B (bench/kernel_rows.LINEAR_SHAPES_7B), run as a
+LoRA layer in a step: the frozen bf16 base GEMM, LoRA's A and B products (r=16, scaling 1, as the
 training benchmark's lora_alpha = r), and a SiLU standing for the elementwise work that follows
 every LoRA layer in the model (the rotary embedding, SiLU times up, the residual add), then the
 backward. "eager" runs it op by op; "compiled" under torch.compile (Inductor), as Unsloth's
-compiled modules run their LoRA layers. The compiled rows also say whether Inductor's code for
-the forward calls addmm, which copies its summand first. A last row adds the shapes up by how often a step runs
-them (forward once: the vision tower's recomputation under checkpointing is not counted).
+compiled modules run their LoRA layers. The compiled rows also say whether Inductor's code for the
+forward calls addmm, which copies its summand first. A last row adds the shapes up by how often a
+step runs them (forward once: the vision tower's recomputation under checkpointing is not counted).
 
     python bench/lora_add.py --out $R/lora_add.jsonl                          # GPU, ~2 minutes
     python bench/lora_add.py --device cpu --batch 1 --scale 32 --iters 1      # CPU: it runs
@@ -97,8 +97,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     compiled code or not) and the step total."""
     import torch
 
-    from bench.fp8_frozen_linear import _SHAPES_7B
-    from bench.kernel_rows import shape_fields, wall_ms
+    from bench.kernel_rows import LINEAR_SHAPES_7B, shape_fields, wall_ms
     from vlm_ray.models.lora_add_without_copy import LoraAddCount, make_lora_forward_without_copy
 
     device = a.device
@@ -114,7 +113,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     ours = make_lora_forward_without_copy(unsloth_lora_forward, LoraAddCount())
     rows: list[dict] = []
     totals = dict.fromkeys(WAYS, 0.0)
-    for name, d_in, d_out, per_layer, layers, per_sample in _SHAPES_7B:
+    for name, d_in, d_out, per_layer, layers, per_sample in LINEAR_SHAPES_7B:
         if a.shapes and not any(s in name for s in a.shapes):
             continue
         d_in, d_out = max(16, d_in // a.scale), max(16, d_out // a.scale)
