@@ -9,7 +9,10 @@ wall window) and by its median step, since one slow step can move a rate (run 23
 computed for an HF row of the same shape (the same data; ours pads, which is not useful work).
 The last column is the SM clock's median over the row's timed steps (nvidia-smi, sampled by the
 bench): a power-capped GPU moved it 13% between calls of one hold (run 25), more than most
-differences between setups, so a comparison is read beside it. Give only files of one hold (one machine, held without a break): ratios across holds mix
+differences between setups, so a comparison is read beside it. The train loss (the mean over
+every step the bench ran) compares numerics between rows of ours at one batch, which see the
+same batches: run 27's lora_add_without_copy rows trained to 9.636 where Unsloth's add gave
+9.703. HF's rows record none. Give only files of one hold (one machine, held without a break): ratios across holds mix
 machines.
 """
 
@@ -36,6 +39,7 @@ class Row:
     flops_per_sample: float | None
     gpu: str
     sm_mhz: float | None = None
+    train_loss: float | None = None
 
     @property
     def median_rate(self) -> float | None:
@@ -62,6 +66,7 @@ def read_rows(paths: list[Path]) -> list[Row]:
                         flops_per_sample=r.get("flops_per_sample"),
                         gpu=r.get("gpu") or inv.get("gpu", ""),
                         sm_mhz=r.get("conditions", {}).get("gpu_sm_mhz", {}).get("median"),
+                        train_loss=r.get("train_loss"),
                     )
                 )
     return rows
@@ -80,8 +85,8 @@ def markdown(rows: list[Row]) -> str:
         f"({best_median:.2f} by its median step).",
         "",
         "| row | batch | samples/s | by median step | peak GiB | MFU | × HF (rate) | × HF (medians) "
-        "| SM MHz |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| SM MHz | train loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = flops.get(r.shape)
@@ -89,9 +94,10 @@ def markdown(rows: list[Row]) -> str:
         median = f"{r.median_rate:.2f}" if r.median_rate else "-"
         by_median = f"{r.median_rate / best_median:.2f}" if r.median_rate and best_median else "-"
         clock = f"{r.sm_mhz:g}" if r.sm_mhz else "-"
+        loss = f"{r.train_loss:.4f}" if r.train_loss is not None else "-"
         lines.append(
             f"| {r.label} | {r.batch} | {r.samples_per_s:g} | {median} | {r.peak_gib} | {mfu} | "
-            f"{r.samples_per_s / best.samples_per_s:.2f} | {by_median} | {clock} |"
+            f"{r.samples_per_s / best.samples_per_s:.2f} | {by_median} | {clock} | {loss} |"
         )
     return "\n".join(lines)
 

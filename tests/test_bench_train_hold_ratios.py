@@ -102,3 +102,17 @@ def test_training_run_26s_second_hold_gives_the_ratios_and_clocks_docs_benchmark
     # LoRA's add in place in eager code, then Unsloth's own add: no gain
     assert "| 32 | 32.127 | 32.40 | 69.54 | 59.8% | 2.73 | 2.65 | 1935 |" in table
     assert "| 32 | 32.339 | 32.64 | 69.54 | 60.2% | 2.74 | 2.67 | 1800 |" in table
+
+
+def test_training_run_27s_rows_show_the_switch_s_speed_and_its_different_loss():
+    paths = [REPO / f"bench/results/train/run27{x}/r/train_7b.json" for x in "abd"]
+    table = markdown(read_rows(paths))
+    assert (
+        "Fastest HF row: hf[bs64] at batch 64, 12.383 samples/s (12.74 by its median step)" in table
+    )
+    # train.lora_add_without_copy, then Unsloth's add; then the other order
+    assert "| 32 | 33.772 | 33.97 | 69.54 | 62.8% | 2.73 | 2.67 | 1890 | 9.6356 |" in table
+    assert "| 32 | 32.452 | 32.65 | 69.54 | 60.4% | 2.62 | 2.56 | 1860 | 9.7034 |" in table
+    assert "| 32 | 32.514 | 32.71 | 69.54 | 60.5% | 2.63 | 2.57 | 1905 | 9.7043 |" in table
+    assert "| 32 | 33.759 | 33.98 | 69.54 | 62.8% | 2.73 | 2.67 | 1935 | 9.6383 |" in table
+    assert "| hf[bs64] | 64 | 12.383 | 12.74 | 33.86 | 23.0% | 1.00 | 1.00 | 1980 | - |" in table

@@ -14,6 +14,7 @@ from bench.train_speed import (
     collect_results,
     make_copy_sites,
     make_early_result,
+    make_step_losses,
     result_of,
     steady,
     summarise,
@@ -110,6 +111,15 @@ def test_the_stage_s_timing_is_printed_as_soon_as_the_timed_steps_are_done(capsy
     assert result["checkpointed_layers"] == "32/60"
     assert "after step 3" in result["partial"]
     assert "peak_gib" in result
+
+
+def test_the_stage_keeps_every_logged_step_s_loss_for_comparing_setups_step_by_step():
+    losses = make_step_losses()
+    for logs in ({"loss": 12.68512}, {"learning_rate": 2e-4}, {"loss": "12.55"}, None):
+        losses.on_log(None, None, None, logs=logs)
+    losses.on_log(None, None, None, logs={"train_loss": 9.6, "train_runtime": 65.0})
+
+    assert losses.losses == [12.6851, 12.55]  # the end-of-training summary is not a step
 
 
 def _child(code: str) -> list[str]:
