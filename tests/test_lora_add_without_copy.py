@@ -76,16 +76,17 @@ LAYERS = {
     "linear with bias": lambda: lora_layer(frozen_base(48, 64, bias=True)),
     "linear": lambda: lora_layer(frozen_base(48, 64, bias=False)),
     # its output came back as a view made inside a custom Function, which autograd forbids
-    # changing in place, until the layer reshaped outside it
+    # changing in place, until the layer reshaped outside it; 2-D, it is no view at all now
     "float8": float8_lora_layer,
 }
 
 
 @pytest.mark.parametrize("base", LAYERS)
 def test_the_in_place_add_gives_unsloths_output_and_gradients_in_the_base_output(base: str):
+    # 2-D rows, as the vision tower's patches come (the language model's 3-D tokens are traced)
     layer = LAYERS[base]()
-    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
-    grad = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(15, 64, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(15, 48, generator=torch.Generator().manual_seed(3))
     count = LoraAddCount()
     in_place = make_lora_forward_without_copy(unsloth_lora_forward, count)
 
@@ -93,10 +94,38 @@ def test_the_in_place_add_gives_unsloths_output_and_gradients_in_the_base_output
     result, out, grads = forward_and_grads(layer, in_place, x, grad)
 
     assert out.data_ptr() == result.data_ptr()  # written into the base output, no copy
+    # recorded as the addmm it is: no CopySlices, whose backward would copy the gradient 3 times
+    assert type(out.grad_fn).__name__ == "AddmmBackward0"
     assert count.as_dict() == {"in_place": 1, "fallback": 0}
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     for got, want, name in zip(grads, expected_grads, ("x", "lora_A", "lora_B"), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("base", LAYERS)
+def test_where_autograd_would_record_a_view_s_change_unsloths_add_runs(base: str):
+    # Run 27's profile: addmm_ through a 2-D view of the output was recorded as CopySlices,
+    # 3 copies of the gradient in the backward for the 1 copy saved in the forward. A 3-D
+    # output needs such a view, and so does a tensor that is a view already.
+    layer = LAYERS[base]()
+    count = LoraAddCount()
+    in_place = make_lora_forward_without_copy(unsloth_lora_forward, count)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(3))
+
+    _, expected, expected_grads = forward_and_grads(layer, unsloth_lora_forward, x, grad)
+    result, out, grads = forward_and_grads(layer, in_place, x, grad)
+    a, b, drop = layer.lora_A["default"], layer.lora_B["default"], layer.lora_dropout["default"]
+    rows = torch.randn(6, 48, requires_grad=True) * 1.0
+    view_out = in_place(rows.view(2, 3, 48).view(6, 48), a, b, drop, torch.randn(6, 64), 1.0)
+
+    assert out.data_ptr() != result.data_ptr()
+    assert "CopySlices" not in type(out.grad_fn).__name__
+    assert "CopySlices" not in type(view_out.grad_fn).__name__
+    assert count.as_dict() == {"in_place": 0, "fallback": 2}
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_a_lora_B_bias_is_added_scaled_as_unsloth_adds_it():

@@ -184,7 +184,11 @@ class Float8FrozenLinear(Float8Weight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         out = _Float8FrozenMatmul.apply(rows, self.weight, self.weight_scale.float(), self.rowwise)
-        out = out.reshape(*x.shape[:-1], self.out_features)
+        if x.dim() != 2:
+            # reshaped out here, not inside the Function (autograd forbids changing a view made
+            # there in place); 2-D stays no view at all, which LoRA's in-place add needs
+            # (lora_add_without_copy.can_add_in_place)
+            out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:

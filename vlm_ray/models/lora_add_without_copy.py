@@ -13,9 +13,12 @@ language layer's q/k/v/o/gate/up/down output and every vision layer's would be o
 How, in the two places Unsloth's forward runs:
 - eager code: `result` is a fresh tensor that nothing else reads (the base GEMM saves its input
   for the backward, not its output), so `result.addmm_(xA, B.T, alpha=scaling)` gives the same
-  sum in the same cuBLAS call, without the copy. Where autograd forbids that (a leaf that needs
-  gradients, an inference tensor outside inference mode, a view made inside a custom Function)
-  or the output is not contiguous, Unsloth's own lora_forward runs.
+  sum in the same cuBLAS call, without the copy. Only where autograd records it as the addmm it
+  is: a 2-D output that is no view (the vision tower's patches). A change made through a view
+  is recorded as CopySlices, whose backward copies the gradient three times; so a 3-D output
+  (which addmm_ needs as a 2-D view), a view, a leaf that needs gradients, an inference tensor
+  outside inference mode or a non-contiguous output take Unsloth's own lora_forward, unless
+  nothing is recorded (no grad), where any of them is added in place.
 - code that torch.compile traces (Unsloth compiles its modules with fullgraph=False, their
   LoRA layers inside): `result + (scaling * xA) @ B.T`, a matmul and a pointwise add,
   which Inductor fuses into the add's consumer (the rotary embedding, SiLU times up, the
@@ -24,10 +27,14 @@ How, in the two places Unsloth's forward runs:
   "2-D tensor + mm" into addmm, the copy again (bench/lora_add.py reports whether the compiled
   forward calls addmm).
 
-Measured (run 26, one H100, 7B, batch 32): with the eager half only, 32.13 samples/s against
-Unsloth's add at 32.34, no gain: at that shape Dynamo traces nearly every LoRA call (a counter
-that Dynamo guarded on made it recompile per call). The traced half is not measured yet, so the
-spec leaves this off.
+Measured (docs/benchmarks.md): run 26 (one H100, 7B, batch 32), the eager half alone: 32.13
+samples/s against Unsloth's add at 32.34, no gain (Dynamo traces nearly every LoRA call there).
+Run 27, both halves: 33.77 and 33.76 against 32.45 and 32.51 (1.04x); the step's device-to-
+device copies fell from 523 to 263 (51 to 23 ms), and the 192 copies left in the vision MLPs'
+backward were CopySlices of the eager half's view (since fixed, not yet measured). But run 27
+also trained to a different loss (9.636 against 9.703, apart from the second step on), and
+which add gives the right one is not yet known (bench/chains/train_7b_lora_add_fidelity.txt),
+so the spec leaves this off.
 """
 
 from __future__ import annotations
@@ -61,24 +68,23 @@ class LoraAddCount:
 
 
 def can_add_in_place(result: torch.Tensor) -> bool:
-    """Whether autograd lets `result` be changed in place and it can be viewed as (rows, out)."""
+    """Whether LoRA's product can go into `result` in place at no cost elsewhere: autograd
+    allows the change, and where it records it, records it without CopySlices."""
     if not result.is_contiguous():
         return False
     if torch.is_inference(result) and not torch.is_inference_mode_enabled():
         return False  # an inference tensor cannot be changed outside inference mode
     if not torch.is_grad_enabled() and not result.requires_grad:
-        return True  # nothing is recorded (e.g. the first forward under reentrant checkpointing)
+        # nothing is recorded (reentrant checkpointing's first forward, inference): a view too,
+        # and a 3-D output through a 2-D view of itself
+        return True
     if result.is_leaf and result.requires_grad:
         return False  # autograd refuses in-place changes to a leaf that requires grad
-    if result._is_view():
-        # Autograd refuses in-place changes to a view made inside a custom Function, e.g. the
-        # output bitsandbytes' 8-bit matmul reshapes before returning it.
-        creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
-        return (
-            creation_meta is not None
-            and creation_meta(result) == torch._C._autograd.CreationMeta.DEFAULT
-        )
-    return True
+    # Recorded: autograd records an in-place change of a view as CopySlices, whose backward
+    # copies the whole gradient three times (copy, clone, copy back) where Unsloth's add copied
+    # the output once (run 27: 192 such copies per step at 7B, 21 ms, in the vision MLPs). Only
+    # a 2-D tensor that is no view takes addmm_ without one; a 3-D output would need a 2-D view.
+    return result.dim() == 2 and not result._is_view()
 
 
 def lora_add_traced(
@@ -123,9 +129,11 @@ def make_lora_forward_without_copy(original: LoraForward, count: LoraAddCount) -
         dtype = result.dtype
         # the same operands, in the same dtype, as Unsloth's lora_forward
         xA = dropout(x).to(dtype) @ lora_A.weight.to(dtype).t()
-        result.view(-1, result.shape[-1]).addmm_(
-            xA.view(-1, xA.shape[-1]), lora_B.weight.to(dtype).t(), alpha=scaling
-        )
+        b_t = lora_B.weight.to(dtype).t()
+        if result.dim() == 2:
+            result.addmm_(xA.view(-1, xA.shape[-1]), b_t, alpha=scaling)
+        else:  # nothing is recorded here (can_add_in_place), so a view of it costs nothing
+            result.view(-1, result.shape[-1]).addmm_(xA.view(-1, xA.shape[-1]), b_t, alpha=scaling)
         count.in_place += 1
         bias = lora_B.bias
         if bias is not None:
