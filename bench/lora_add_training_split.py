@@ -1,0 +1,212 @@
+"""Does a few steps of LoRA training come out the same with Unsloth's LoRA add and with
+train.lora_add_without_copy's, eager and compiled? A whole tiny Qwen2-VL, outside Unsloth.
+
+Why: training run 27 (one H100, 7B, batch 32, Unsloth's engine) trained to a different loss with
+train.lora_add_without_copy, apart from the second step on. This harness isolates the add: the
+project's tiny Qwen2-VL (larger random weights, bf16), PEFT LoRA r=16 on every linear layer, and
+PEFT's LoRA forward replaced by Unsloth's shape of it (base layer, then `lora_forward(result, A,
+B, dropout, x, scaling)`) with either add. "compiled" compiles every decoder layer and vision
+block with torch.compile (Inductor, Unsloth's options: epilogue fusion, shape padding, memory
+planning), as Unsloth compiles each block. The same batches, seed and AdamW steps for every way;
+each way's LoRA B tensors are compared with eager Unsloth's (cosine per tensor: AdamW's first
+step is about lr times the gradient's sign, so a wrong gradient shows as a low cosine).
+
+    python bench/lora_add_training_split.py --device cuda --out $R/lora_add_split.jsonl   # GPU
+    python bench/lora_add_training_split.py --device cpu                                 # ~1 min
+
+Measured on CPU (2026-12-05, 2-core VM): both compiled ways within cosine 0.999 of eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+WAYS = ("unsloth_eager", "ours_eager", "unsloth_compiled", "ours_compiled")
+COMPILE_OPTIONS = {
+    "epilogue_fusion": True,
+    "max_autotune": False,
+    "shape_padding": True,
+    "memory_planning": True,
+    "dce": True,
+}
+
+
+def _batches(processor: Any, count: int, size: int) -> list[dict]:
+    """`count` batches of 4 random images with a prompt and a short answer; labels everywhere
+    but the padding."""
+    import torch
+    from PIL import Image
+
+    out = []
+    for seed in range(count):
+        g = torch.Generator().manual_seed(seed)
+        images = [
+            Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy())
+            for _ in range(4)
+        ]
+        texts = []
+        for i in range(4):
+            messages = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"{seed} {i} " * 4}]},
+            ]
+            texts.append(processor.apply_chat_template(messages, tokenize=False))
+        enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        enc["labels"] = labels
+        out.append(dict(enc))
+    return out
+
+
+def _patch_peft(namespace: dict) -> None:
+    """PEFT's LoRA Linear forward, as Unsloth rewrites it: the base layer, then
+    namespace['lora_forward'] for the one active adapter."""
+    from peft.tuners.lora.layer import Linear
+
+    def forward(self, x, *args, **kwargs):
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            return namespace["lora_forward"](
+                result,
+                self.lora_A[name],
+                self.lora_B[name],
+                self.lora_dropout[name],
+                x,
+                self.scaling[name],
+            )
+        return result
+
+    Linear.forward = forward
+
+
+def train_steps(base: Any, batches: list[dict], lora_forward: Any, compiled: bool, device: str):
+    """AdamW steps (lr 2e-4, clipping at 1) over `batches` from `base` with LoRA r=16 on every
+    linear layer: (every step's loss, the LoRA B tensors as float32 on CPU)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch._dynamo.reset()
+    _NAMESPACE["lora_forward"] = lora_forward
+    torch.manual_seed(3407)
+    config = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear")
+    model = get_peft_model(copy.deepcopy(base), config)
+    if compiled:
+        for module in model.modules():
+            name = type(module).__name__
+            if name.endswith("DecoderLayer") or name.endswith("VisionBlock"):
+                module.forward = torch.compile(
+                    module.forward, options=COMPILE_OPTIONS, dynamic=False
+                )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    losses = []
+    for batch in batches:
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(round(loss.item(), 5))
+    b = {n: p.detach().float().cpu() for n, p in model.named_parameters() if "lora_B" in n}
+    return losses, b
+
+
+_NAMESPACE: dict = {}
+
+
+def measure(a: argparse.Namespace) -> list[dict]:
+    """One row per way: its step losses and its B tensors' cosine to eager Unsloth's."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bench.lora_add import unsloth_lora_forward
+    from vlm_ray.models.lora_add_without_copy import LoraAddCount, make_lora_forward_without_copy
+    from vlm_ray.models.tiny import build_tiny_model
+
+    path = build_tiny_model(a.model_dir, family="qwen2_vl", size="tiny")
+    processor = AutoProcessor.from_pretrained(path)
+    batches = _batches(processor, a.steps, a.image)
+    base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # larger than the saved init, so that the loss moves per step
+        for p in base.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08, generator=g)
+    base = base.to(a.device)
+    _patch_peft(_NAMESPACE)
+    adds = {
+        "unsloth": unsloth_lora_forward,
+        "ours": make_lora_forward_without_copy(unsloth_lora_forward, LoraAddCount()),
+    }
+    common = {
+        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": a.steps,
+    }
+    results = {}
+    for way in a.ways:
+        who, mode = way.split("_")
+        results[way] = train_steps(base, batches, adds[who], mode == "compiled", a.device)
+    _, reference = results["unsloth_eager"]
+    rows = []
+    for way, (losses, b) in results.items():
+        cosines = [
+            torch.nn.functional.cosine_similarity(b[n].flatten(), reference[n].flatten(), dim=0)
+            for n in reference
+        ]
+        rows.append(
+            {
+                **common,
+                "way": way,
+                "losses": losses,
+                "min_cos_to_unsloth_eager": round(min(c.item() for c in cosines), 4),
+                "mean_cos_to_unsloth_eager": round(
+                    sum(c.item() for c in cosines) / len(cosines), 4
+                ),
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table: each way's last loss and its B tensors' cosines to eager Unsloth's."""
+    lines = [
+        "| way | losses | B cosine to eager Unsloth's (min / mean) |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        losses = ", ".join(f"{x:.4f}" for x in r["losses"])
+        lines.append(
+            f"| {r['way']} | {losses} | "
+            f"{r['min_cos_to_unsloth_eager']} / {r['mean_cos_to_unsloth_eager']} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This script's own options (--device and --out come from bench.kernel_rows)."""
+    p.add_argument("--steps", type=int, default=6, help="AdamW steps, one batch of 4 each")
+    p.add_argument("--image", type=int, default=56, help="image side in pixels")
+    p.add_argument(
+        "--ways", nargs="+", default=list(WAYS), choices=WAYS, help="unsloth_eager is the reference"
+    )
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/vlm_ray_split_qwen2_vl"))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Measure, append the rows to --out and print the table (bench.kernel_rows' command line)."""
+    from bench.kernel_rows import run_cli
+
+    return run_cli(__doc__, add_arguments, measure, table, argv)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(0 if main() else 1)
