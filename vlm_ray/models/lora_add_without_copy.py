@@ -33,8 +33,11 @@ Run 27, both halves: 33.77 and 33.76 against 32.45 and 32.51 (1.04x); the step's
 device copies fell from 523 to 263 (51 to 23 ms), and the 192 copies left in the vision MLPs'
 backward were CopySlices of the eager half's view (since fixed, not yet measured). But run 27
 also trained to a different loss (9.636 against 9.703, apart from the second step on), and
-which add gives the right one is not yet known (bench/chains/train_7b_lora_add_fidelity.txt),
-so the spec leaves this off.
+which add gives the right one is not settled at 7B (bench/chains/train_7b_lora_add_fidelity.txt),
+so the spec leaves this off. On CPU, a tiny Qwen2-VL trained in float32 and with each add
+(bench/lora_add_training_split.py) follows float32's losses with ours compiled, where bf16 eager
+and Unsloth's add compiled part from them in run 27's direction: Inductor fuses more around a
+matmul and an add than around an extern addmm, and rounds less.
 """
 
 from __future__ import annotations
