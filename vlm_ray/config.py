@@ -365,10 +365,10 @@ class TrainSpec(_Section):
             "device-to-device copy per LoRA layer and call; 7B, batch 32, 448 px on an H100: "
             "523 per step, 51 ms of ~1,000, docs/benchmarks.md run 25). In eager code the sum "
             "is made in place (addmm_); in code torch.compile traces, as a matmul and an add "
-            "that Inductor fuses into the next elementwise kernel. Off by default: with the "
-            "eager half alone, 32.13 samples/s against 32.34 (run 26, same settings), since "
-            "Unsloth's compiled layers trace nearly every LoRA call; the traced half is not "
-            "measured yet."
+            "that Inductor fuses into the next elementwise kernel. Run 27 (same settings): "
+            "33.77 samples/s against 32.45 (1.04x), but a different train loss (9.636 against "
+            "9.704), and which is the more accurate is not settled at 7B; off by default "
+            "until it is (docs/gpu.md)."
         ),
     )
     cuda_graphs: bool = Field(

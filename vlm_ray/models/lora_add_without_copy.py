@@ -132,11 +132,10 @@ def make_lora_forward_without_copy(original: LoraForward, count: LoraAddCount) -
         dtype = result.dtype
         # the same operands, in the same dtype, as Unsloth's lora_forward
         xA = dropout(x).to(dtype) @ lora_A.weight.to(dtype).t()
-        b_t = lora_B.weight.to(dtype).t()
-        if result.dim() == 2:
-            result.addmm_(xA.view(-1, xA.shape[-1]), b_t, alpha=scaling)
-        else:  # nothing is recorded here (can_add_in_place), so a view of it costs nothing
-            result.view(-1, result.shape[-1]).addmm_(xA.view(-1, xA.shape[-1]), b_t, alpha=scaling)
+        # 2-D: result itself; 3-D only where nothing is recorded (can_add_in_place), so a 2-D
+        # view of it costs nothing
+        rows = result if result.dim() == 2 else result.view(-1, result.shape[-1])
+        rows.addmm_(xA.view(-1, xA.shape[-1]), lora_B.weight.to(dtype).t(), alpha=scaling)
         count.in_place += 1
         bias = lora_B.bias
         if bias is not None:
