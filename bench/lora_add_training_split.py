@@ -34,6 +34,8 @@ from typing import Any
 
 WAYS = ("fp32_eager", "unsloth_eager", "ours_eager", "unsloth_compiled", "ours_compiled")
 REFERENCES = ("fp32_eager", "unsloth_eager")  # always run: every row is compared with both
+# Unsloth's main Inductor options, for where Unsloth is not installed (CPU); where it is, its own
+# (bench.lora_add_fidelity.unsloth_compile_options).
 COMPILE_OPTIONS = {
     "epilogue_fusion": True,
     "max_autotune": False,
@@ -71,6 +73,10 @@ def _batches(processor: Any, count: int, size: int) -> list[dict]:
     return out
 
 
+# where the patched PEFT forward looks up the add (a module-level name, as in Unsloth's module)
+_NAMESPACE: dict = {}
+
+
 def _patch_peft(namespace: dict) -> None:
     """PEFT's LoRA Linear forward, as Unsloth rewrites it: the base layer, then
     namespace['lora_forward'] for the one active adapter."""
@@ -101,6 +107,8 @@ def train_steps(
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from bench.lora_add_fidelity import unsloth_compile_options
+
     torch._dynamo.reset()
     _NAMESPACE["lora_forward"] = lora_forward
     torch.manual_seed(3407)
@@ -108,12 +116,11 @@ def train_steps(
     start = copy.deepcopy(base)
     model = get_peft_model(start.float() if fp32 else start, config)
     if compiled:
+        options = unsloth_compile_options() or COMPILE_OPTIONS
         for module in model.modules():
             name = type(module).__name__
             if name.endswith("DecoderLayer") or name.endswith("VisionBlock"):
-                module.forward = torch.compile(
-                    module.forward, options=COMPILE_OPTIONS, dynamic=False
-                )
+                module.forward = torch.compile(module.forward, options=options, dynamic=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
     losses = []
@@ -131,11 +138,9 @@ def train_steps(
     return losses, b
 
 
-_NAMESPACE: dict = {}
-
-
 def measure(a: argparse.Namespace) -> list[dict]:
-    """One row per way: its step losses and its B tensors' cosine to eager Unsloth's."""
+    """One row per way: its step losses, its first loss's distance from float32's and its B
+    tensors' cosines to eager Unsloth's and to float32's."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
