@@ -120,13 +120,18 @@ def measure(a: argparse.Namespace) -> list[dict]:
     """One row per state of B and way: the relative error of each tensor."""
     import torch
 
+    from bench.kernel_rows import LINEAR_SHAPES_7B
     from bench.lora_add import unsloth_lora_forward
     from vlm_ray.models.lora_add_without_copy import LoraAddCount, make_lora_forward_without_copy
 
     device = a.device
     options = unsloth_compile_options()
-    d_model, d_ff = max(16, 3584 // a.scale), max(16, 18944 // a.scale)
-    tokens = max(1, 320 // a.scale) if a.scale > 1 else 320
+    # the MLP's widths and tokens per sample: the gate/up row of the 7B shapes
+    _, d_model, d_ff, _, _, per_sample = next(
+        shape for shape in LINEAR_SHAPES_7B if shape[0] == "language gate/up"
+    )
+    d_model, d_ff = max(16, d_model // a.scale), max(16, d_ff // a.scale)
+    tokens = max(1, per_sample // a.scale)
     common = {
         "batch": a.batch,
         "tokens_per_sample": tokens,
