@@ -23,6 +23,8 @@ values (every later step).
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,13 +35,32 @@ WAYS = ("unsloth_eager", "ours_eager", "unsloth_compiled", "ours_compiled")
 TENSORS = ("out", "x", "A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down")
 
 
-def unsloth_compile_options() -> dict | None:
-    """The Inductor options Unsloth compiles its modules with, or None where Unsloth is absent."""
+# Unsloth's main Inductor options (unsloth_zoo's get_torch_compile_options), for where Unsloth is
+# not installed (CPU)
+UNSLOTH_MAIN_OPTIONS = {
+    "epilogue_fusion": True,
+    "max_autotune": False,
+    "shape_padding": True,
+    "memory_planning": True,
+    "dce": True,
+}
+
+
+def unsloth_compile_options() -> tuple[dict, str]:
+    """The Inductor options Unsloth compiles its modules with, and where they came from:
+    unsloth_zoo's own where it imports, else UNSLOTH_MAIN_OPTIONS (with the reason)."""
+    if importlib.util.find_spec("unsloth_zoo") is None:
+        return UNSLOTH_MAIN_OPTIONS, "unsloth's main options (unsloth_zoo not installed)"
+    # unsloth_zoo refuses to import unless `import unsloth` has set UNSLOTH_IS_PRESENT (run 28 fell
+    # back to Inductor's defaults on that); importing unsloth itself would patch transformers and
+    # PEFT, which these benches measure outside Unsloth, so only the flag is set
+    os.environ.setdefault("UNSLOTH_IS_PRESENT", "1")
     try:
         from unsloth_zoo.compiler import get_torch_compile_options
-    except ImportError:
-        return None
-    return get_torch_compile_options()
+
+        return get_torch_compile_options(), "unsloth_zoo's"
+    except Exception as e:  # e.g. no accelerator for unsloth_zoo to set up
+        return UNSLOTH_MAIN_OPTIONS, f"unsloth's main options (unsloth_zoo: {e!r:.120})"
 
 
 def _mlp(weights: dict, lora_forward: Any):
@@ -125,7 +146,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     from vlm_ray.models.lora_add_without_copy import LoraAddCount, make_lora_forward_without_copy
 
     device = a.device
-    options = unsloth_compile_options()
+    options, options_from = unsloth_compile_options()
     # the MLP's widths and tokens per sample: the gate/up row of the 7B shapes
     _, d_model, d_ff, _, _, per_sample = next(
         shape for shape in LINEAR_SHAPES_7B if shape[0] == "language gate/up"
@@ -138,7 +159,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
         "d_model": d_model,
         "d_ff": d_ff,
         "rank": RANK,
-        "compile_options": "unsloth" if options is not None else "inductor defaults",
+        "compile_options": options_from,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),

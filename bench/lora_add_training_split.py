@@ -34,26 +34,17 @@ from typing import Any
 
 WAYS = ("fp32_eager", "unsloth_eager", "ours_eager", "unsloth_compiled", "ours_compiled")
 REFERENCES = ("fp32_eager", "unsloth_eager")  # always run: every row is compared with both
-# Unsloth's main Inductor options, for where Unsloth is not installed (CPU); where it is, its own
-# (bench.lora_add_fidelity.unsloth_compile_options).
-COMPILE_OPTIONS = {
-    "epilogue_fusion": True,
-    "max_autotune": False,
-    "shape_padding": True,
-    "memory_planning": True,
-    "dce": True,
-}
 
 
-def _batches(processor: Any, count: int, size: int) -> list[dict]:
-    """`count` batches of 4 random images with a prompt and a short answer; labels everywhere
-    but the padding."""
+def _batches(processor: Any, count: int, size: int, seed: int) -> list[dict]:
+    """`count` batches of 4 random images (drawn from `seed`) with a prompt and a short answer;
+    labels everywhere but the padding."""
     import torch
     from PIL import Image
 
     out = []
-    for seed in range(count):
-        g = torch.Generator().manual_seed(seed)
+    for step in range(count):
+        g = torch.Generator().manual_seed(seed * 1000 + step)
         images = [
             Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy())
             for _ in range(4)
@@ -62,7 +53,7 @@ def _batches(processor: Any, count: int, size: int) -> list[dict]:
         for i in range(4):
             messages = [
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read."}]},
-                {"role": "assistant", "content": [{"type": "text", "text": f"{seed} {i} " * 4}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"{step} {i} " * 4}]},
             ]
             texts.append(processor.apply_chat_template(messages, tokenize=False))
         enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
@@ -99,15 +90,18 @@ def _patch_peft(namespace: dict) -> None:
 
 
 def train_steps(
-    base: Any, batches: list[dict], lora_forward: Any, compiled: bool, device: str, fp32: bool
+    base: Any,
+    batches: list[dict],
+    lora_forward: Any,
+    compile_options: dict | None,
+    device: str,
+    fp32: bool,
 ):
     """AdamW steps (lr 2e-4, clipping at 1) over `batches` from `base` with LoRA r=16 on every
-    linear layer (`fp32`: the model in float32): (every step's loss, the LoRA B tensors as
-    float32 on CPU)."""
+    linear layer (`fp32`: the model in float32; `compile_options`: every decoder layer and vision
+    block compiled with them): (every step's loss, the LoRA B tensors as float32 on CPU)."""
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from bench.lora_add_fidelity import unsloth_compile_options
 
     torch._dynamo.reset()
     _NAMESPACE["lora_forward"] = lora_forward
@@ -115,12 +109,13 @@ def train_steps(
     config = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear")
     start = copy.deepcopy(base)
     model = get_peft_model(start.float() if fp32 else start, config)
-    if compiled:
-        options = unsloth_compile_options() or COMPILE_OPTIONS
+    if compile_options is not None:
         for module in model.modules():
             name = type(module).__name__
             if name.endswith("DecoderLayer") or name.endswith("VisionBlock"):
-                module.forward = torch.compile(module.forward, options=options, dynamic=False)
+                module.forward = torch.compile(
+                    module.forward, options=compile_options, dynamic=False
+                )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
     losses = []
@@ -139,27 +134,23 @@ def train_steps(
 
 
 def measure(a: argparse.Namespace) -> list[dict]:
-    """One row per way: its step losses, its first loss's distance from float32's and its B
+    """One row per seed and way: its step losses, their distance from float32's and its B
     tensors' cosines to eager Unsloth's and to float32's."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from torch._inductor import config as inductor_config
+    from transformers import AutoProcessor
 
     from bench.lora_add import unsloth_lora_forward
+    from bench.lora_add_fidelity import unsloth_compile_options
     from vlm_ray.models.lora_add_without_copy import LoraAddCount, make_lora_forward_without_copy
     from vlm_ray.models.tiny import build_tiny_model
 
+    options, options_from = unsloth_compile_options()
     path = build_tiny_model(a.model_dir, family="qwen2_vl", size="tiny")
     processor = AutoProcessor.from_pretrained(path)
-    batches = _batches(processor, a.steps, a.image)
-    base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # larger than the saved init, so that the loss moves per step
-        for p in base.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08, generator=g)
-    base = base.to(a.device)
     _patch_peft(_NAMESPACE)
     adds = {
+        "fp32": unsloth_lora_forward,  # the reference: Unsloth's add, op by op in float32
         "unsloth": unsloth_lora_forward,
         "ours": make_lora_forward_without_copy(unsloth_lora_forward, LoraAddCount()),
     }
@@ -168,29 +159,64 @@ def measure(a: argparse.Namespace) -> list[dict]:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "steps": a.steps,
+        "compile_options": options_from,
+        "emulate_precision_casts": a.emulate_precision_casts,
     }
-    results = {}
-    for way in [w for w in WAYS if w in REFERENCES or w in a.ways]:
-        who, mode = way.split("_")
-        add = adds.get(who, unsloth_lora_forward)  # float32: Unsloth's add, op by op
-        results[way] = train_steps(
-            base, batches, add, mode == "compiled", a.device, fp32=who == "fp32"
-        )
-    fp32_losses, fp32_b = results["fp32_eager"]
+    # Inductor otherwise computes a fused chain of bf16 ops in float32 and rounds only what it
+    # stores; emulating eager's roundings tells whether that is where the adds part
+    with inductor_config.patch(emulate_precision_casts=a.emulate_precision_casts):
+        return _rows(a, path, processor, adds, options, common)
+
+
+def _rows(
+    a: argparse.Namespace, path: Path, processor: Any, adds: dict, options: dict, common: dict
+) -> list[dict]:
+    """measure's rows: every seed's ways trained with their add (`adds`, by the way's first
+    word), the compiled ones with `options`."""
     rows = []
-    for way, (losses, b) in results.items():
-        rows.append(
-            {
-                **common,
-                "way": way,
-                "losses": losses,
-                # the first step's loss is the forward alone (B is zero): its rounding
-                "first_loss_off_fp32": round(abs(losses[0] - fp32_losses[0]), 6),
-                **_cosines(b, results["unsloth_eager"][1], "unsloth_eager"),
-                **_cosines(b, fp32_b, "fp32"),
-            }
-        )
+    for seed in a.seeds:
+        base = _base_model(path, seed, a.device)
+        batches = _batches(processor, a.steps, a.image, seed)
+        results = {}
+        for way in [w for w in WAYS if w in REFERENCES or w in a.ways]:
+            who, mode = way.split("_")
+            compiled = options if mode == "compiled" else None
+            results[way] = train_steps(
+                base, batches, adds[who], compiled, a.device, fp32=who == "fp32"
+            )
+        fp32_losses, fp32_b = results["fp32_eager"]
+        for way, (losses, b) in results.items():
+            off = [abs(x - y) for x, y in zip(losses, fp32_losses, strict=True)]
+            rows.append(
+                {
+                    **common,
+                    "seed": seed,
+                    "way": way,
+                    "losses": losses,
+                    # the first step's loss is the forward alone (B is zero): its rounding
+                    "first_loss_off_fp32": round(off[0], 6),
+                    # every step's: the forward's rounding plus what the updates made of it
+                    "mean_loss_off_fp32": round(sum(off) / len(off), 6),
+                    **_cosines(b, results["unsloth_eager"][1], "unsloth_eager"),
+                    **_cosines(b, fp32_b, "fp32"),
+                }
+            )
     return rows
+
+
+def _base_model(path: Path, seed: int, device: str) -> Any:
+    """The tiny model in bf16 with weights drawn from `seed`, larger than the saved init, so
+    that the loss moves per step."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08, generator=g)
+    return base.to(device)
 
 
 def _cosines(b: dict, reference: dict, name: str) -> dict:
@@ -211,14 +237,15 @@ def table(rows: list[dict]) -> str:
     """A markdown table: each way's losses, its first loss's distance from float32's, and its
     B tensors' cosines to eager Unsloth's and to float32's."""
     lines = [
-        "| way | losses | first loss − float32's | B cosine to eager Unsloth's (min / mean) "
-        "| B cosine to float32's (min / mean) |",
-        "|---|---|---|---|---|",
+        "| seed | way | losses | first loss − float32's | mean \\|loss − float32's\\| "
+        "| B cosine to eager Unsloth's (min / mean) | B cosine to float32's (min / mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         losses = ", ".join(f"{x:.4f}" for x in r["losses"])
         lines.append(
-            f"| {r['way']} | {losses} | {r['first_loss_off_fp32']:.2e} | "
+            f"| {r['seed']} | {r['way']} | {losses} | {r['first_loss_off_fp32']:.2e} | "
+            f"{r['mean_loss_off_fp32']:.2e} | "
             f"{r['min_cos_to_unsloth_eager']} / {r['mean_cos_to_unsloth_eager']} | "
             f"{r['min_cos_to_fp32']} / {r['mean_cos_to_fp32']} |"
         )
@@ -230,11 +257,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=6, help="AdamW steps, one batch of 4 each")
     p.add_argument("--image", type=int, default=56, help="image side in pixels")
     p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one run of every way per seed (the weights and the images drawn from it)",
+    )
+    p.add_argument(
         "--ways",
         nargs="+",
         default=list(WAYS),
         choices=WAYS,
         help="fp32_eager and unsloth_eager always run: every way is compared with them",
+    )
+    p.add_argument(
+        "--emulate-precision-casts",
+        action="store_true",
+        help="compiled ways round every bf16 intermediate as eager code does "
+        "(torch._inductor.config.emulate_precision_casts)",
     )
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/vlm_ray_split_qwen2_vl"))
 
