@@ -221,7 +221,7 @@ def test_under_inference_mode_the_add_is_in_place_too():
 
 def test_without_unsloths_patched_peft_forward_the_switch_changes_nothing(caplog):
     forward_before = LoraLinear.forward
-    with caplog.at_level(logging.WARNING, logger="vlm_ray.models.lora_add_without_copy"):
+    with caplog.at_level(logging.INFO, logger="vlm_ray.models.lora_add_without_copy"):
         assert set_lora_add_without_copy(True) is None
     assert LoraLinear.forward is forward_before
     assert "are not Unsloth's" in caplog.text

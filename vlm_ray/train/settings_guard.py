@@ -30,7 +30,8 @@ _OPERATIONAL = {
     "train.host_input_embedding",
     # over which positions the output head runs: the loss is the same sum over the same tokens
     "train.label_span_logits",
-    # where LoRA's product is summed (into the base output's buffer or a copy of it), not what
+    # where LoRA's product is summed (into the base output's buffer or a copy of it) and so
+    # where it is rounded, not what is computed
     "train.lora_add_without_copy",
     "model.name",  # the same model may be reached by another path or URI; the data digest and knobs decide
 }
