@@ -19,6 +19,9 @@ from bench import (
     host_embedding_lookup,
     infer_speed,
     kernel_rows,
+    lora_add,
+    lora_add_fidelity,
+    lora_add_training_split,
     lora_overhead,
     train_speed,
     vision_kernels,
@@ -34,7 +37,15 @@ PARSERS = {
         f"bench/{m.__name__.split('.')[-1]}.py": (
             lambda m=m: kernel_rows.build_parser(m.__doc__, m.add_arguments)
         )
-        for m in (vision_kernels, lora_overhead, fp8_frozen_linear, host_embedding_lookup)
+        for m in (
+            vision_kernels,
+            lora_overhead,
+            fp8_frozen_linear,
+            host_embedding_lookup,
+            lora_add,
+            lora_add_fidelity,
+            lora_add_training_split,
+        )
     },
 }
 KNOWN_SWITCHES = {
