@@ -112,8 +112,8 @@ def train_steps(
     _NAMESPACE["lora_forward"] = lora_forward
     torch.manual_seed(3407)
     config = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear")
-    start = copy.deepcopy(base)
-    model = get_peft_model(start.float() if fp32 else start, config)
+    start = copy.deepcopy(base)  # base stays in host memory: at 7B only this copy is on the GPU
+    model = get_peft_model((start.float() if fp32 else start).to(device), config)
     if compile_options is not None:
         for module in model.modules():
             name = type(module).__name__
@@ -181,7 +181,7 @@ def _rows(
     word), the compiled ones with `options`."""
     rows = []
     for seed in a.seeds:
-        base = _base_model(path, seed, a.device, a.size)
+        base = _base_model(path, seed, a.size)
         batches = _batches(processor, a.steps, a.image, seed)
         results = {}
         for way in [w for w in WAYS if w in REFERENCES or w in a.ways]:
@@ -210,7 +210,7 @@ def _rows(
     return rows
 
 
-def _base_model(path: Path, seed: int, device: str, size: str) -> Any:
+def _base_model(path: Path, seed: int, size: str) -> Any:
     """The model in bf16 with weights drawn from `seed`: at the tiny size larger than its saved
     init, so that the loss moves per step; at larger ones 1/sqrt(fan-in), so that 28 layers of
     random weights do not blow the residual stream up."""
@@ -224,7 +224,7 @@ def _base_model(path: Path, seed: int, device: str, size: str) -> Any:
             if p.dim() >= 2:
                 std = 0.08 if size == "tiny" else p.shape[-1] ** -0.5
                 p.normal_(0.0, std, generator=g)
-    return base.to(device)
+    return base
 
 
 def _cosines(b: dict, reference: dict, name: str) -> dict:
@@ -287,8 +287,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--size",
         default="tiny",
-        choices=("tiny", "small", "2b"),
-        help="the Qwen2-VL's shape (vlm_ray.models.tiny_common.SHAPES; 2b: real widths, a GPU's)",
+        choices=("tiny", "small", "2b", "7b"),
+        help="the Qwen2-VL's shape (vlm_ray.models.tiny_common.SHAPES; 2b, 7b: real ones, for a GPU)",
     )
     p.add_argument(
         "--model-dir",
