@@ -21,8 +21,9 @@ Measured (docs/benchmarks.md, training run 28), the second step's loss against f
 on one H100 (tiny, seed 0) bf16 eager +0.0075, Unsloth's add compiled +0.0072, ours compiled
 +0.0008; on CPU (2-core VM) over six seeds at the tiny size +0.0065 to +0.0076, +0.0057 to
 +0.0081 and -0.0003 to +0.0026, and at the small size (4 layers, 128 wide; seeds 0 and 1)
-+0.021 to +0.023 for both bf16 paths and +0.002 to +0.003 for ours: the bf16 paths' lag grows
-with the model, as at 7B (step 2: ours 0.20 below Unsloth's compiled add, which logged eager
++0.021 to +0.023 for both bf16 paths and +0.002 to +0.003 for ours; at the 2B shape (two
+steps, seed 0) +0.278 bf16 eager, +0.276 Unsloth's add compiled, -0.041 ours: the bf16 paths'
+lag grows with the model, as at 7B (step 2: ours 0.20 below Unsloth's compiled add, which logged eager
 bf16's loss). Why: Inductor computes a fused chain of bf16 ops in float32 and rounds once, and
 our add is fused into its consumer, where Unsloth's addmm is an extern kernel whose output is
 rounded first; with --emulate-precision-casts ours compiled trains as eager again.
@@ -142,6 +143,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     """One row per seed and way: its step losses, their distance from float32's and its B
     tensors' cosines to eager Unsloth's and to float32's."""
     import torch
+    from torch._dynamo import config as dynamo_config
     from torch._inductor import config as inductor_config
     from transformers import AutoProcessor
 
@@ -169,8 +171,14 @@ def measure(a: argparse.Namespace) -> list[dict]:
         "emulate_precision_casts": a.emulate_precision_casts,
     }
     # Inductor otherwise computes a fused chain of bf16 ops in float32 and rounds only what it
-    # stores; emulating eager's roundings tells whether that is where the adds part
-    with inductor_config.patch(emulate_precision_casts=a.emulate_precision_casts):
+    # stores; emulating eager's roundings tells whether that is where the adds part. Each layer
+    # is a recompile (its index is guarded on): past Dynamo's default limit of 8 the rest would
+    # run eager, so the limit is Unsloth's (1024).
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    with (
+        inductor_config.patch(emulate_precision_casts=a.emulate_precision_casts),
+        dynamo_config.patch(**{limit: 1024}),
+    ):
         return _rows(a, path, processor, adds, options, common)
 
 
