@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
@@ -36,7 +35,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     """One row per shape (bf16 and both float8 scalings: ms and ratios) and the step total."""
     import torch
 
-    from bench.kernel_rows import LINEAR_SHAPES_7B, shape_fields, wall_ms
+    from bench.kernel_rows import LINEAR_SHAPES_7B, measured_on, shape_fields, wall_ms
     from vlm_ray.models.fp8_frozen_linear import Float8FrozenLinear
 
     device = a.device
@@ -45,9 +44,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     common = {
         "batch": a.batch,
         "scale": a.scale,
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **measured_on(device),
     }
     torch.manual_seed(0)
     rows: list[dict] = []

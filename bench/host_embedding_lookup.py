@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
@@ -30,7 +29,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from bench.kernel_rows import wall_ms
+    from bench.kernel_rows import measured_on, wall_ms
 
     torch.manual_seed(0)
     table = torch.randn(a.vocab, a.hidden, dtype=torch.bfloat16)
@@ -40,9 +39,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
         "hidden": a.hidden,
         "ids": a.batch * a.tokens,
         "rows_mb": round(a.batch * a.tokens * a.hidden * 2 / 1e6, 2),
-        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **measured_on(a.device),
     }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a data loader worker's setting

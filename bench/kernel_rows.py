@@ -1,6 +1,6 @@
 """The shared command line of the small pricing benchmarks (lora_overhead.py, vision_kernels.py,
 host_embedding_lookup.py): --device and --out, then measure, append the rows to --out as JSON
-lines, print the table; and the timer they share."""
+lines, print the table; and the timer and provenance (measured_on) they share."""
 
 from __future__ import annotations
 
@@ -53,6 +53,17 @@ def shape_cells(row: dict) -> str:
     and uses per step (the last three blank on a total row)."""
     dims = f"{row['in']} x {row['out']}" if "in" in row else ""
     return f"| {row['row']} | {dims} | {row.get('tokens', '')} | {row.get('per_step', '')} "
+
+
+def measured_on(device: str) -> dict:
+    """Where and when a row was measured: the device's name, torch's version and the date."""
+    import torch
+
+    return {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def build_parser(

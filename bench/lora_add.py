@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +96,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     compiled code or not) and the step total."""
     import torch
 
-    from bench.kernel_rows import LINEAR_SHAPES_7B, shape_fields, wall_ms
+    from bench.kernel_rows import LINEAR_SHAPES_7B, measured_on, shape_fields, wall_ms
     from vlm_ray.models.lora_add_without_copy import LoraAddCount, make_lora_forward_without_copy
 
     device = a.device
@@ -105,9 +104,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
         "batch": a.batch,
         "scale": a.scale,
         "rank": RANK,
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **measured_on(device),
     }
     torch.manual_seed(0)
     ours = make_lora_forward_without_copy(unsloth_lora_forward, LoraAddCount())

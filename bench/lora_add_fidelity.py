@@ -26,7 +26,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +140,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     """One row per state of B and way: the relative error of each tensor."""
     import torch
 
-    from bench.kernel_rows import LINEAR_SHAPES_7B
+    from bench.kernel_rows import LINEAR_SHAPES_7B, measured_on
     from bench.lora_add import unsloth_lora_forward
     from vlm_ray.models.lora_add_without_copy import LoraAddCount, make_lora_forward_without_copy
 
@@ -160,9 +159,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
         "d_ff": d_ff,
         "rank": RANK,
         "compile_options": options_from,
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **measured_on(device),
     }
     ours = make_lora_forward_without_copy(unsloth_lora_forward, LoraAddCount())
     g = torch.Generator(device="cpu").manual_seed(1)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -142,11 +141,11 @@ def train_steps(
 def measure(a: argparse.Namespace) -> list[dict]:
     """One row per seed and way: its step losses, their distance from float32's and its B
     tensors' cosines to eager Unsloth's and to float32's."""
-    import torch
     from torch._dynamo import config as dynamo_config
     from torch._inductor import config as inductor_config
     from transformers import AutoProcessor
 
+    from bench.kernel_rows import measured_on
     from bench.lora_add import unsloth_lora_forward
     from bench.lora_add_fidelity import unsloth_compile_options
     from vlm_ray.models.lora_add_without_copy import LoraAddCount, make_lora_forward_without_copy
@@ -162,9 +161,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
         "ours": make_lora_forward_without_copy(unsloth_lora_forward, LoraAddCount()),
     }
     common = {
-        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **measured_on(a.device),
         "steps": a.steps,
         "size": a.size,
         "compile_options": options_from,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
@@ -188,13 +187,9 @@ def graph_row(capture, restore, a: argparse.Namespace) -> dict:
 
 def measure(a: argparse.Namespace) -> list[dict]:
     """Every row, for each base in --bases."""
-    import torch
+    from bench.kernel_rows import measured_on
 
-    context = {
-        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    context = measured_on(a.device)
     rows = []
     for base in a.bases.split(","):
         try:

@@ -249,6 +249,8 @@ def measure(a: argparse.Namespace) -> list[dict]:
     """Every row, attention first, then each linear layer."""
     import torch
 
+    from bench.kernel_rows import measured_on
+
     time_it = timer(a.device, a.warmup, a.repeat)
     compile_scaling = a.compile if a.compile is not None else a.device == "cuda"
     rows = attention_rows(a.images, a.patches, a.device, time_it)
@@ -265,9 +267,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
             if a.device == "cuda":
                 torch.cuda.empty_cache()
     context = {
-        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **measured_on(a.device),
         "images": a.images,
         "patches": a.patches,
         "scaling_compiled": compile_scaling,
