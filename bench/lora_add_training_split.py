@@ -32,8 +32,10 @@ rounded first; with --emulate-precision-casts ours compiled trains as eager agai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +75,11 @@ def _batches(processor: Any, count: int, size: int, seed: int) -> list[dict]:
 _NAMESPACE: dict = {}
 
 
-def _patch_peft(namespace: dict) -> None:
+@contextlib.contextmanager
+def _peft_forward_as_unsloths(namespace: dict) -> Iterator[None]:
     """PEFT's LoRA Linear forward, as Unsloth rewrites it: the base layer, then
-    namespace['lora_forward'] for the one active adapter."""
+    namespace['lora_forward'] for the one active adapter; PEFT's own again on leaving, so that
+    nothing else in the process (a test suite) trains through this one."""
     from peft.tuners.lora.layer import Linear
 
     def forward(self, x, *args, **kwargs):
@@ -91,7 +95,12 @@ def _patch_peft(namespace: dict) -> None:
             )
         return result
 
+    original = Linear.forward
     Linear.forward = forward
+    try:
+        yield
+    finally:
+        Linear.forward = original
 
 
 def train_steps(
@@ -154,7 +163,6 @@ def measure(a: argparse.Namespace) -> list[dict]:
     options, options_from = unsloth_compile_options()
     path = build_tiny_model(a.model_dir / a.size, family="qwen2_vl", size=a.size)
     processor = AutoProcessor.from_pretrained(path)
-    _patch_peft(_NAMESPACE)
     adds = {
         "fp32": unsloth_lora_forward,  # the reference: Unsloth's add, op by op in float32
         "unsloth": unsloth_lora_forward,
@@ -173,6 +181,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     # run eager, so the limit is Unsloth's (1024).
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     with (
+        _peft_forward_as_unsloths(_NAMESPACE),
         inductor_config.patch(emulate_precision_casts=a.emulate_precision_casts),
         dynamo_config.patch(**{limit: 1024}),
     ):

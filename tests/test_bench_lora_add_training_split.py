@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 
+from peft.tuners.lora.layer import Linear as LoraLinear
+
 from bench.lora_add_training_split import main
 
 
 def test_eager_training_with_our_add_is_unsloths_to_the_bit(tmp_path):
     out = tmp_path / "rows.jsonl"
+    peft_forward = LoraLinear.forward
 
     rows = main(
         [
@@ -24,6 +27,7 @@ def test_eager_training_with_our_add_is_unsloths_to_the_bit(tmp_path):
     )
 
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert LoraLinear.forward is peft_forward  # PEFT's own again: the rest of the suite uses it
     # the float32 reference always runs; every way once per seed
     assert [(r["seed"], r["way"]) for r in rows] == [
         (seed, way) for seed in (0, 1) for way in ("fp32_eager", "unsloth_eager", "ours_eager")
