@@ -233,8 +233,11 @@ def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
         assert summary["kind"] == "full"
         assert store.exists(f"{layout.MERGED}/config.json")
         assert not store.exists(f"{layout.ADAPTER}/adapter_config.json")
+        assert "lora_add_without_copy" not in summary  # no LoRA layers to add to
     else:
         assert summary["kind"] == "adapter"
+        # on by default: the 4-bit layers' LoRA forwards went through the add without a copy
+        assert "lora_add_without_copy" in summary, summary
         cfg = store.read_json(f"{layout.ADAPTER}/adapter_config.json")
         assert cfg["r"] == spec.lora.r
 
