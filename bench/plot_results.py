@@ -4,9 +4,13 @@
     python bench/plot_results.py train bench/results/train/run10/*.json docs/img/train_7b_run10.png
     python bench/plot_results.py infer bench/results/infer/infer_2b_run7.jsonl \
         bench/results/infer/infer_2b_run7_d.jsonl docs/img/infer_2b_run7.png
+    python bench/plot_results.py split bench/results/train/run29c/lora_add_split_2b.jsonl \
+        docs/img/lora_add_split_2b_run29.png
 
-Every bar is a figure from the files given (train_speed.py's JSON, infer_speed.py's JSON lines):
-nothing is typed in by hand, so a chart always matches the tables made from the same files.
+Every bar or point is a figure from the files given (train_speed.py's JSON, infer_speed.py's
+and lora_add_training_split.py's JSON lines): nothing is typed in by hand, so a chart always
+matches the tables made from the same files. `split` draws each way's loss minus float32's at
+every step, one panel per seed.
 """
 
 from __future__ import annotations
@@ -91,6 +95,60 @@ def infer_bars(paths: list[Path]) -> tuple[list[str], list[float], str]:
     return labels, speed, gpu
 
 
+# lora_add_training_split.py's ways, as the docs name them
+_SPLIT_WAYS = {
+    "fp32_eager": "float32, op by op",
+    "unsloth_eager": "bf16 eager, Unsloth's add",
+    "ours_eager": "bf16 eager, ours",
+    "unsloth_compiled": "compiled, Unsloth's add",
+    "ours_compiled": "compiled, ours",
+}
+
+
+def split_curves(paths: list[Path]) -> tuple[dict[int, dict[str, list[float]]], str, str]:
+    """({seed: {way: loss − float32's loss at each step}}, size, device) from
+    lora_add_training_split.py's JSON lines; a seed without its float32 row is left out."""
+    losses: dict[int, dict[str, list[float]]] = {}
+    size, device = "", ""
+    for path in paths:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            losses.setdefault(r["seed"], {})[r["way"]] = r["losses"]
+            size, device = size or r.get("size", ""), device or r.get("device", "")
+    curves = {}
+    for seed, ways in sorted(losses.items()):
+        reference = ways.get("fp32_eager")
+        if reference is None:
+            continue
+        curves[seed] = {
+            way: [x - ref for x, ref in zip(got, reference, strict=True)]
+            for way, got in ways.items()
+        }
+    return curves, size, device
+
+
+def _split_chart(paths: list[Path]):
+    """One panel per seed: every way's loss minus float32's, step by step."""
+    curves, size, device = split_curves(paths)
+    if not curves:
+        raise SystemExit(f"plot_results: no seed with a float32 row in {_files(paths)}")
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    for ax, (seed, ways) in zip(axes[0], curves.items(), strict=True):
+        for way, diff in ways.items():
+            # the two eager adds agree to the bit: dashes keep the second one visible
+            style = "--" if way == "ours_eager" else "-o"
+            ax.plot(
+                range(1, len(diff) + 1), diff, style, markersize=3, label=_SPLIT_WAYS.get(way, way)
+            )
+        ax.axhline(0, color="grey", linewidth=0.6)
+        ax.set_title(f"seed {seed}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss − float32's")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{_files(paths)}: the {size or '?'} shape on {device or '?'}")
+    return fig
+
+
 def _bars(
     ax, labels: list[str], values: list[float], unit: str, colour: str, inside: bool = False
 ) -> None:
@@ -118,7 +176,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("kind", choices=["train", "infer"])
+    p.add_argument("kind", choices=["train", "infer", "split"])
     p.add_argument("inputs", nargs="+", type=Path, help="result files, then the PNG to write")
     a = p.parse_args()
     *inputs, out = a.inputs
@@ -149,6 +207,8 @@ def main() -> None:
             left.legend(fontsize=7, loc="lower right")
         _bars(right, labels, memory, "peak GPU memory, GiB", "tab:grey")
         fig.suptitle(f"{_files(inputs)} on {gpu}")
+    elif a.kind == "split":
+        fig = _split_chart(inputs)
     else:
         labels, speed, gpu = infer_bars(inputs)
         fig, ax = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.5))

@@ -1,11 +1,11 @@
-"""bench/plot_results.py: every bar comes from the result files, median markers included."""
+"""bench/plot_results.py: every bar and point comes from the result files, median markers included."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from bench.plot_results import infer_bars, main, train_bars
+from bench.plot_results import infer_bars, main, split_curves, train_bars
 
 
 def _train_json(tmp_path):
@@ -81,6 +81,37 @@ def test_the_chart_is_written(tmp_path, monkeypatch):
     out = tmp_path / "chart.png"
     monkeypatch.setattr(
         sys, "argv", ["plot_results", "train", str(_train_json(tmp_path)), str(out)]
+    )
+    main()
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _split_jsonl(tmp_path):
+    path = tmp_path / "lora_add_split_2b.jsonl"
+    rows = [
+        {"seed": 0, "way": "fp32_eager", "losses": [7.0, 6.5, 6.0], "size": "2b", "device": "H100"},
+        {"seed": 0, "way": "unsloth_compiled", "losses": [7.0, 6.75, 6.25]},
+        {"seed": 0, "way": "ours_compiled", "losses": [7.0, 6.5, 6.125]},
+        # a seed whose float32 reference is missing (a cut run) has nothing to be drawn against
+        {"seed": 1, "way": "ours_compiled", "losses": [6.0, 5.0, 4.0]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_split_curves_are_each_ways_loss_minus_float32s_per_seed(tmp_path):
+    curves, size, device = split_curves([_split_jsonl(tmp_path)])
+    assert list(curves) == [0]
+    assert curves[0]["fp32_eager"] == [0.0, 0.0, 0.0]
+    assert curves[0]["unsloth_compiled"] == [0.0, 0.25, 0.25]
+    assert curves[0]["ours_compiled"] == [0.0, 0.0, 0.125]
+    assert (size, device) == ("2b", "H100")
+
+
+def test_the_split_chart_is_written(tmp_path, monkeypatch):
+    out = tmp_path / "split.png"
+    monkeypatch.setattr(
+        sys, "argv", ["plot_results", "split", str(_split_jsonl(tmp_path)), str(out)]
     )
     main()
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
