@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from bench.plot_results import infer_bars, main, split_curves, train_bars
 
 
@@ -77,15 +79,6 @@ def test_inference_bars_read_each_modes_own_rate(tmp_path):
     assert "(mps)" not in labels[3]  # no record of how those shared
 
 
-def test_the_chart_is_written(tmp_path, monkeypatch):
-    out = tmp_path / "chart.png"
-    monkeypatch.setattr(
-        sys, "argv", ["plot_results", "train", str(_train_json(tmp_path)), str(out)]
-    )
-    main()
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def _split_jsonl(tmp_path):
     path = tmp_path / "lora_add_split_2b.jsonl"
     rows = [
@@ -108,10 +101,9 @@ def test_split_curves_are_each_ways_loss_minus_float32s_per_seed(tmp_path):
     assert (size, device) == ("2b", "H100")
 
 
-def test_the_split_chart_is_written(tmp_path, monkeypatch):
-    out = tmp_path / "split.png"
-    monkeypatch.setattr(
-        sys, "argv", ["plot_results", "split", str(_split_jsonl(tmp_path)), str(out)]
-    )
+@pytest.mark.parametrize(("kind", "results"), [("train", _train_json), ("split", _split_jsonl)])
+def test_the_chart_is_written(tmp_path, monkeypatch, kind, results):
+    out = tmp_path / f"{kind}.png"
+    monkeypatch.setattr(sys, "argv", ["plot_results", kind, str(results(tmp_path)), str(out)])
     main()
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
