@@ -4,7 +4,7 @@
     python bench/plot_results.py train bench/results/train/run10/*.json docs/img/train_7b_run10.png
     python bench/plot_results.py infer bench/results/infer/infer_2b_run7.jsonl \
         bench/results/infer/infer_2b_run7_d.jsonl docs/img/infer_2b_run7.png
-    python bench/plot_results.py split bench/results/train/run29c/lora_add_split_2b.jsonl \
+    python bench/plot_results.py split bench/results/train/run29c/r/lora_add_split_2b.jsonl \
         docs/img/lora_add_split_2b_run29.png
 
 Every bar or point is a figure from the files given (train_speed.py's JSON, infer_speed.py's

@@ -1,9 +1,12 @@
 """The ratio table of one hold's training runs, for docs/benchmarks.md.
 
     python -m bench.train_hold_ratios bench/results/train/run24*/r/train_7b.json
+    python -m bench.train_hold_ratios --baseline "stage[bs32,16bit,fp8-wide,label-span,w2" \
+        bench/results/train/run29d/r/train_7b.json
 
-Every HF-baseline row (mode hf, any batch) of the files is a baseline; every row of ours (mode
-stage) is a setup. Each setup is divided by the fastest baseline, by its rate (the timed steps'
+Every HF-baseline row (mode hf, any batch) of the files is a baseline, or with --baseline every
+row whose label starts with that text (an A/B of ours in a hold without HF: run 29); every row
+is divided by the fastest baseline. Each setup is divided by the fastest baseline, by its rate (the timed steps'
 wall window) and by its median step, since one slow step can move a rate (run 23). MFU counts
 6 x params x tokens over the bf16 dense peak for every row, with the FLOPs per sample the bench
 computed for an HF row of the same shape (the same data; ours pads, which is not useful work).
@@ -72,20 +75,30 @@ def read_rows(paths: list[Path]) -> list[Row]:
     return rows
 
 
-def markdown(rows: list[Row]) -> str:
-    """Ours against the fastest HF row by rate and by median step, with MFU and peak memory."""
-    baselines = [r for r in rows if r.label.startswith("hf")]
+def markdown(rows: list[Row], baseline: str = "hf") -> str:
+    """Every row against the fastest baseline row (labels starting with `baseline`; HF's by
+    default) by rate and by median step, with MFU and peak memory."""
+    baselines = [r for r in rows if r.label.startswith(baseline)]
     if not baselines:
-        raise SystemExit("train_hold_ratios: no HF row (--modes hf) in these files: no baseline")
+        if baseline == "hf":
+            raise SystemExit(
+                "train_hold_ratios: no HF row (--modes hf) in these files: no baseline; "
+                "--baseline LABEL takes one of ours"
+            )
+        labels = ", ".join(r.label for r in rows)
+        raise SystemExit(f"train_hold_ratios: no row's label starts with {baseline!r} ({labels})")
     best = max(baselines, key=lambda r: r.samples_per_s)
     best_median = max((r.median_rate or 0.0) for r in baselines)
-    flops = {r.shape: r.flops_per_sample for r in baselines if r.flops_per_sample}
+    # MFU from an HF row's FLOPs (ours pads), whichever row is the baseline
+    flops = {r.shape: r.flops_per_sample for r in rows if r.label.startswith("hf")}
+    flops = {shape: f for shape, f in flops.items() if f}
+    name = "HF" if baseline == "hf" else "baseline"
     lines = [
-        f"Fastest HF row: {best.label} at batch {best.batch}, {best.samples_per_s:g} samples/s "
-        f"({best_median:.2f} by its median step).",
+        f"Fastest {name} row: {best.label} at batch {best.batch}, {best.samples_per_s:g} "
+        f"samples/s ({best_median:.2f} by its median step).",
         "",
-        "| row | batch | samples/s | by median step | peak GiB | MFU | × HF (rate) | × HF (medians) "
-        "| SM MHz | train loss |",
+        f"| row | batch | samples/s | by median step | peak GiB | MFU | × {name} (rate) "
+        f"| × {name} (medians) | SM MHz | train loss |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -107,7 +120,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("inputs", nargs="+", type=Path, help="train_speed.py --out files of one hold")
-    print(markdown(read_rows(p.parse_args().inputs)))
+    p.add_argument(
+        "--baseline",
+        default="hf",
+        help="the baseline rows' label prefix (default: hf, the HF baseline's rows)",
+    )
+    a = p.parse_args()
+    print(markdown(read_rows(a.inputs), a.baseline))
 
 
 if __name__ == "__main__":

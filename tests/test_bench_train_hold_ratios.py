@@ -61,10 +61,35 @@ def test_ours_is_judged_against_the_fastest_hf_row_by_rate_and_by_median_step(tm
     assert "| hf[bs32] | 32 | 8 | 8.00 | None | 40.0% | 0.80 | 0.62 | - |" in table  # no record
 
 
-def test_a_hold_without_an_hf_row_has_no_baseline(tmp_path):
-    paths = _hold(tmp_path, [_invocation(32, {"stage[x]": {"samples_per_s": 1.0}})])
+def test_a_hold_without_an_hf_row_has_no_baseline_unless_one_of_ours_is_named(tmp_path):
+    paths = _hold(
+        tmp_path,
+        [
+            _invocation(32, {"stage[x]": {"samples_per_s": 1.0}}),
+            _invocation(32, {"stage[y]": {"samples_per_s": 1.5, "median_step_ms": 20000.0}}),
+        ],
+    )
+    rows = read_rows(paths)
     with pytest.raises(SystemExit, match="no HF row"):
-        markdown(read_rows(paths))
+        markdown(rows)
+    with pytest.raises(SystemExit, match=r"starts with 'stage\[z'.*stage\[x\], stage\[y\]"):
+        markdown(rows, baseline="stage[z")
+
+    table = markdown(rows, baseline="stage[x")
+
+    assert "Fastest baseline row: stage[x] at batch 32, 1 samples/s" in table
+    assert "| stage[y] | 32 | 1.5 | 1.60 | None | - | 1.50 | - |" in table  # no MFU without HF
+
+
+def test_training_run_29s_a_b_without_hf_is_read_against_unsloth_s_add():
+    paths = [REPO / "bench/results/train/run29d/r/train_7b.json"]
+
+    table = markdown(read_rows(paths), baseline="stage[bs32,16bit,fp8-wide,label-span,w2")
+
+    # train.lora_add_without_copy 1.06x Unsloth's add by rate and by medians, at a 3% higher
+    # median SM clock, and the lower loss run 28 put on float32's side
+    assert "| 32 | 34.04 | 34.38 | 69.54 | - | 1.06 | 1.06 | 1890 | 9.6413 |" in table
+    assert "| 32 | 32.002 | 32.28 | 69.54 | - | 1.00 | 1.00 | 1830 | 9.6946 |" in table
 
 
 def test_training_run_24s_raw_files_give_the_ratios_docs_benchmarks_quotes():
