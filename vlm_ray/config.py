@@ -366,8 +366,9 @@ class TrainSpec(_Section):
             "523 per step, 51 ms of ~1,000, docs/benchmarks.md run 25). In eager code the sum "
             "is made in place (addmm_); in code torch.compile traces, as a matmul and an add "
             "that Inductor fuses into the next elementwise kernel, which reads the sum before "
-            "it is rounded to bf16. Run 27 (same settings): 33.77 samples/s against 32.45 "
-            "(1.04x). In every comparison with float32 so far (run 28) it trains nearer it: "
+            "it is rounded to bf16. Run 29 (same settings): 34.04 samples/s against 32.00 "
+            "(1.064x; run 27, before a fix to its eager half: 1.04x). In every comparison with "
+            "float32 so far (runs 28, 29) it trains nearer it: "
             "less of LoRA's small early product is rounded away. So its loss differs from "
             "Unsloth's add's (run 27: 9.636 against 9.704); false gives Unsloth's add back."
         ),
