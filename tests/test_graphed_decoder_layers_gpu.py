@@ -218,8 +218,9 @@ def test_unsloth_engine_with_cuda_graphs_trains_like_eager(
 ) -> None:
     """Through load_unsloth_model with train.cuda_graphs in the benchmark's setting (4-bit, the
     fused LoRA MLP keeping only its input, the vision tower checkpointed as
-    train.checkpoint_scope: vision leaves it when training begins), against the same spec
-    without it."""
+    train.checkpoint_scope: vision leaves it when training begins, LoRA's add without a copy as
+    the engine sets it by default), against the same spec without it."""
+    from vlm_ray.models.lora_add_without_copy import set_lora_add_without_copy
     from vlm_ray.train.activation_checkpointing import checkpointed_layers, limit_checkpointing
     from vlm_ray.train.unsloth_engine import load_unsloth_model
 
@@ -236,22 +237,28 @@ def test_unsloth_engine_with_cuda_graphs_trains_like_eager(
             },
         )
         model, processor = load_unsloth_model(spec, str(tiny_qwen2_vl))
+        # as train_unsloth does after loading (process-wide; undone below)
+        assert spec.train.lora_add_without_copy  # the default since training run 28
+        assert set_lora_add_without_copy(True) is not None  # Unsloth's PEFT forwards, switched
         model.gradient_checkpointing_enable()  # what the Trainer does when training begins
         limit_checkpointing(model, "vision")
         assert checkpointed_layers(model)[0] > 0  # the vision blocks
         _randomize_lora_b(model)
         return spec, model, processor
 
-    spec, model, processor = load(cuda_graphs=False)
-    batches = _collated(spec, model, processor, tiny_qwen2_vl)
-    assert graphed_forwards(model) == []
-    eager = _train(model, batches)
-    del model
+    try:
+        spec, model, processor = load(cuda_graphs=False)
+        batches = _collated(spec, model, processor, tiny_qwen2_vl)
+        assert graphed_forwards(model) == []
+        eager = _train(model, batches)
+        del model
 
-    _, model, _ = load(cuda_graphs=True)
-    forwards = graphed_forwards(model)
-    assert len(forwards) == model.config.get_text_config().num_hidden_layers
-    graphed = _train(model, batches)
+        _, model, _ = load(cuda_graphs=True)
+        forwards = graphed_forwards(model)
+        assert len(forwards) == model.config.get_text_config().num_hidden_layers
+        graphed = _train(model, batches)
+    finally:
+        set_lora_add_without_copy(False)  # Unsloth's own add back, for the tests after this one
 
     assert [f.captured for f in forwards] == [2] * len(forwards)
     _assert_same_training(eager, graphed)
