@@ -263,12 +263,6 @@ def family_by_name(name: str) -> Family:
     raise ValueError(f"unsupported model family {name!r}; supported: {', '.join(sorted(FAMILIES))}")
 
 
-def model_type_of(model_dir: str | Path) -> str:
-    """The model_type in a local model folder's config.json."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return cfg["model_type"]
-
-
 def family_of(model_dir: str | Path) -> Family:
     """The family of a local model folder, from its config.json (and its vision tower where that matters)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -280,14 +274,3 @@ def family_of(model_dir: str | Path) -> Family:
             f"not supported; {fam.title} needs vision_config.model_type in {list(fam.vision_model_types)}"
         )
     return fam
-
-
-def chat_template_of(family: Family) -> str:
-    """The chat template the family ships (vlm_ray/models/chat_templates.py)."""
-    from vlm_ray.models.chat_templates import CHAT_TEMPLATES
-
-    if family.name not in CHAT_TEMPLATES:
-        raise ValueError(
-            f"family {family.name}: its chat template comes with the model's own files"
-        )
-    return CHAT_TEMPLATES[family.name]
