@@ -236,7 +236,8 @@ def test_unsloth_engine_trains_4bit_qlora_and_full_finetuning(
         assert "lora_add_without_copy" not in summary  # no LoRA layers to add to
     else:
         assert summary["kind"] == "adapter"
-        # on by default: the 4-bit layers' LoRA forwards went through the add without a copy
+        # on by default, and on for this run: Unsloth had patched PEFT's LoRA forwards and the
+        # engine swapped their add (the counts are of eager calls only, so they may be zero)
         assert "lora_add_without_copy" in summary, summary
         cfg = store.read_json(f"{layout.ADAPTER}/adapter_config.json")
         assert cfg["r"] == spec.lora.r
