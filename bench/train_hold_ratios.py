@@ -5,18 +5,18 @@
         bench/results/train/run29d/r/train_7b.json
 
 Every HF-baseline row (mode hf, any batch) of the files is a baseline, or with --baseline every
-row whose label starts with that text (an A/B of ours in a hold without HF: run 29); every row
-is divided by the fastest baseline. Each setup is divided by the fastest baseline, by its rate (the timed steps'
-wall window) and by its median step, since one slow step can move a rate (run 23). MFU counts
-6 x params x tokens over the bf16 dense peak for every row, with the FLOPs per sample the bench
-computed for an HF row of the same shape (the same data; ours pads, which is not useful work).
-The last column is the SM clock's median over the row's timed steps (nvidia-smi, sampled by the
-bench): a power-capped GPU moved it 13% between calls of one hold (run 25), more than most
-differences between setups, so a comparison is read beside it. The train loss (the mean over
-every step the bench ran) compares numerics between rows of ours at one batch, which see the
-same batches: run 27's lora_add_without_copy rows trained to 9.636 where Unsloth's add gave
-9.703. HF's rows record none. Give only files of one hold (one machine, held without a break): ratios across holds mix
-machines.
+row whose label starts with that text (an A/B of ours in a hold without HF: run 29). Each row
+is divided by the fastest baseline, by its rate (the timed steps' wall window) and by its
+median step, since one slow step can move a rate (run 23). MFU counts 6 x params x tokens
+over the bf16 dense peak for every row, with the FLOPs per sample the bench computed for an HF
+row of the same shape (the same data; ours pads, which is not useful work): without an HF row
+there is no MFU. The SM clock column is its median over the row's timed steps (nvidia-smi,
+sampled by the bench): a power-capped GPU moved it 13% between calls of one hold (run 25), more
+than most differences between setups, so a comparison is read beside it. The train loss (the
+mean over every step the bench ran) compares numerics between rows of ours at one batch, which
+see the same batches: run 27's lora_add_without_copy rows trained to 9.636 where Unsloth's add
+gave 9.703. HF's rows record none. Give only files of one hold (one machine, held without a
+break): ratios across holds mix machines.
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def markdown(rows: list[Row], baseline: str = "hf") -> str:
     best = max(baselines, key=lambda r: r.samples_per_s)
     best_median = max((r.median_rate or 0.0) for r in baselines)
     # MFU from an HF row's FLOPs (ours pads), whichever row is the baseline
-    flops = {r.shape: r.flops_per_sample for r in rows if r.label.startswith("hf")}
-    flops = {shape: f for shape, f in flops.items() if f}
+    flops = {
+        r.shape: r.flops_per_sample for r in rows if r.label.startswith("hf") and r.flops_per_sample
+    }
     name = "HF" if baseline == "hf" else "baseline"
     lines = [
         f"Fastest {name} row: {best.label} at batch {best.batch}, {best.samples_per_s:g} "
