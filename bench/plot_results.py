@@ -6,11 +6,15 @@
         bench/results/infer/infer_2b_run7_d.jsonl docs/img/infer_2b_run7.png
     python bench/plot_results.py split bench/results/train/run29c/r/lora_add_split_2b.jsonl \
         docs/img/lora_add_split_2b_run29.png
+    python -m bench.plot_results holds "run 25=bench/results/train/run25*/r/train_7b.json" \
+        "run 27=bench/results/train/run27[abd]/r/train_7b.json" docs/img/best_batch_by_hold.png
 
 Every bar or point is a figure from the files given (train_speed.py's JSON, infer_speed.py's
 and lora_add_training_split.py's JSON lines): nothing is typed in by hand, so a chart always
 matches the tables made from the same files. `split` draws each way's loss minus float32's at
-every step, one panel per seed.
+every step, one panel per seed. `holds` takes "NAME=GLOB" per hold (train_speed.py's JSON of
+one hold each) and draws, hold by hold, our fastest row beside 3x the fastest HF row: the
+best-batch target, read within each hold only.
 """
 
 from __future__ import annotations
@@ -149,6 +153,48 @@ def _split_chart(paths: list[Path]):
     return fig
 
 
+def hold_bests(holds: list[str]) -> list[tuple[str, float | None, float | None, str]]:
+    """(name, our fastest samples/s, HF's fastest, GPU) per "NAME=GLOB" hold; None where the
+    hold has no such row (run 29 ran no HF line)."""
+    import glob
+
+    from bench.train_hold_ratios import read_rows
+
+    bests = []
+    for hold in holds:
+        name, sep, pattern = hold.partition("=")
+        paths = sorted(Path(p) for p in glob.glob(pattern))
+        if not sep or not paths:
+            raise SystemExit(f"plot_results holds: {hold!r} is not NAME=GLOB matching files")
+        rows = read_rows(paths)
+        ours = [r.samples_per_s for r in rows if r.label.startswith("stage")]
+        hf = [r.samples_per_s for r in rows if r.label.startswith("hf")]
+        gpu = next((r.gpu.splitlines()[0] for r in rows if r.gpu), "")
+        bests.append((name, max(ours, default=None), max(hf, default=None), gpu))
+    return bests
+
+
+def _holds_chart(holds: list[str]):
+    """Per hold: our fastest row and 3x HF's fastest, side by side, the ratio over them."""
+    bests = hold_bests(holds)
+    fig, ax = plt.subplots(figsize=(1.6 * len(bests) + 2.5, 4))
+    x = range(len(bests))
+    width = 0.38
+    ours = [b[1] or 0.0 for b in bests]
+    target = [3 * b[2] if b[2] else 0.0 for b in bests]
+    ax.bar([i - width / 2 for i in x], ours, width, color="tab:green", label="ours, fastest")
+    ax.bar([i + width / 2 for i in x], target, width, color="tab:grey", label="3x HF's fastest")
+    for i, (_, us, hf, _) in enumerate(bests):
+        note = f"{us / hf:.2f}x" if us and hf else "no HF run"
+        ax.annotate(note, (i, max(ours[i], target[i])), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), [f"{b[0]}\n{b[3]}" for b in bests], fontsize=7)
+    ax.set_ylabel("samples/s")
+    ax.margins(y=0.15)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("best batch: ours against 3x HF's best, hold by hold")
+    return fig
+
+
 def _bars(
     ax, labels: list[str], values: list[float], unit: str, colour: str, inside: bool = False
 ) -> None:
@@ -176,7 +222,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("kind", choices=["train", "infer", "split"])
+    p.add_argument("kind", choices=["train", "infer", "split", "holds"])
     p.add_argument("inputs", nargs="+", type=Path, help="result files, then the PNG to write")
     a = p.parse_args()
     *inputs, out = a.inputs
@@ -209,6 +255,8 @@ def main() -> None:
         fig.suptitle(f"{_files(inputs)} on {gpu}")
     elif a.kind == "split":
         fig = _split_chart(inputs)
+    elif a.kind == "holds":
+        fig = _holds_chart([str(h) for h in inputs])
     else:
         labels, speed, gpu = infer_bars(inputs)
         fig, ax = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.5))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench.plot_results import infer_bars, main, split_curves, train_bars
+from bench.plot_results import hold_bests, infer_bars, main, split_curves, train_bars
 
 
 def _train_json(tmp_path):
@@ -105,5 +105,26 @@ def test_split_curves_are_each_ways_loss_minus_float32s_per_seed(tmp_path):
 def test_the_chart_is_written(tmp_path, monkeypatch, kind, results):
     out = tmp_path / f"{kind}.png"
     monkeypatch.setattr(sys, "argv", ["plot_results", kind, str(results(tmp_path)), str(out)])
+    main()
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_holds_pair_our_fastest_row_with_hf_s_fastest_hold_by_hold(tmp_path, monkeypatch):
+    for hold, results in {
+        "a": {"hf[bs64]": {"samples_per_s": 11.0}, "stage[x]": {"samples_per_s": 33.0}},
+        "b": {"stage[x]": {"samples_per_s": 34.0}, "stage[y]": {"samples_per_s": 32.0}},
+    }.items():
+        inv = {"shape": "7b", "gpu": "H100\nmore", "batch": 32, "image": 448, "results": results}
+        (tmp_path / hold).mkdir()
+        (tmp_path / hold / "train_7b.json").write_text(json.dumps({"invocations": [inv]}))
+    holds = [f"hold {h}={tmp_path}/{h}/*.json" for h in "ab"]
+
+    # hold b ran no HF line: its target is unknown, not zero
+    assert hold_bests(holds) == [("hold a", 33.0, 11.0, "H100"), ("hold b", 34.0, None, "H100")]
+    with pytest.raises(SystemExit, match="NAME=GLOB"):
+        hold_bests([f"{tmp_path}/a/*.json"])
+
+    out = tmp_path / "holds.png"
+    monkeypatch.setattr(sys, "argv", ["plot_results", "holds", *holds, str(out)])
     main()
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
