@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,25 @@ def test_holds_pair_our_fastest_row_with_hf_s_fastest_hold_by_hold(tmp_path, mon
     monkeypatch.setattr(sys, "argv", ["plot_results", "holds", *holds, str(out)])
     main()
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_holds_chart_in_docs_reads_the_ratios_docs_benchmarks_quotes():
+    root = Path(__file__).resolve().parents[1] / "bench" / "results" / "train"
+    holds = {
+        "run 24": "run24*",
+        "run 25": "run25*",
+        "run 26": "run26[bc]",
+        "run 27": "run27[abd]",
+        "run 29": "run29d",
+    }
+    bests = hold_bests([f"{name}={root}/{glob}/r/train_7b.json" for name, glob in holds.items()])
+
+    ratios = {name: round(ours / hf, 2) if hf else None for name, ours, hf, _ in bests}
+    # run 25's fastest row of ours is the vision-widths one (2.97x); run 29 ran no HF line
+    assert ratios == {
+        "run 24": 2.82,
+        "run 25": 2.97,
+        "run 26": 2.74,
+        "run 27": 2.73,
+        "run 29": None,
+    }
